@@ -1,0 +1,1 @@
+//! The embedded MQTT broker of `pointgate demo` (rumqttd, in-process, loopback only).

@@ -1,0 +1,295 @@
+//! The Mercado Pago Point API, seen from the engine: one trait (`PointBackend`) and the
+//! normalized types it speaks, one module per backend, and the shared HTTP client.
+//!
+//! - `http`: the rustls-only HTTP client (built-in web roots plus `point.extra_ca_file`),
+//!   bearer token, timeouts, and the mapping of every failure to `ApiError`.
+//! - `integrations`: the Point Integrations API (payment intents, devices, refund
+//!   intents) and the payments API endpoints it needs, complete and typed; it implements
+//!   `PointBackend`.
+//! - The Orders API will be a second implementation of the same trait.
+//!
+//! Rules: lenient in what we accept (ids as string or number, unknown states kept raw,
+//! every optional field optional), strict in what we send (per-site fields only).
+
+pub mod http;
+pub mod integrations;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::money::{Cents, Site};
+
+/// What the engine asks for when it creates a charge on a terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateCharge {
+    pub terminal: String,
+    pub amount: Cents,
+    /// Unique per charge within the retention period; the reconcile key.
+    pub external_reference: String,
+    pub description: Option<String>,
+    /// MLA: printed on the receipt (required by the MLA schema).
+    pub ticket_number: Option<String>,
+    pub print_on_terminal: bool,
+    /// MLB only.
+    pub payment: Option<MlbPayment>,
+    /// Orders API: generated and stored before the first send, reused on every retry.
+    /// The integrations backend ignores it (payment intents have no idempotency key).
+    pub idempotency_key: Option<String>,
+}
+
+/// MLB's `payment` object of a payment intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlbPayment {
+    /// `credit_card`, `debit_card` or `voucher_card`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installments: Option<u8>,
+    /// `seller` or `buyer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installments_cost: Option<String>,
+    /// `sodexo` or `alelo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voucher_type: Option<String>,
+}
+
+/// Where a remote charge (payment intent or order) stands, normalized across backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Created and queued, not yet pulled by the terminal (intent `OPEN`). Cancelable.
+    Open,
+    /// Pulled by the terminal (`ON_TERMINAL`).
+    OnTerminal,
+    /// Being settled (`PROCESSING`, `PROCESSED`).
+    Processing,
+    /// Ended with a payment to look up (`FINISHED`, `CONFIRMATION_REQUIRED`).
+    /// Never a success by itself: the payment must be confirmed.
+    Ended,
+    /// `CANCELED`.
+    Canceled,
+    /// `ERROR`.
+    Error,
+    /// `ABANDONED`.
+    Abandoned,
+    /// A state this build does not know; the raw string is in `RemoteCharge::raw_state`.
+    Unknown,
+}
+
+impl Phase {
+    /// True when the remote charge will not change any more.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Phase::Ended | Phase::Canceled | Phase::Error | Phase::Abandoned)
+    }
+}
+
+/// A remote charge as the API reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCharge {
+    pub id: String,
+    pub phase: Phase,
+    /// The state exactly as the API wrote it (`FINISHED`, `CONFIRMATION_REQUIRED`, ...).
+    pub raw_state: String,
+    pub terminal: Option<String>,
+    pub amount: Option<Cents>,
+    pub external_reference: Option<String>,
+    /// The payment id, once the API gives one (string or number on the wire).
+    pub payment_id: Option<String>,
+}
+
+/// An entry of the intent list by date (`.../payment-intents/events`), used to reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedCharge {
+    pub id: String,
+    pub raw_state: String,
+    /// Unix seconds, when the API gave a parseable `created_on`.
+    pub created_unix: Option<i64>,
+}
+
+/// A payment from `GET /v1/payments/{id}` or the payment search.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    pub id: String,
+    /// `approved`, `rejected`, `cancelled`, `refunded`, `in_process`, ... as given.
+    pub status: String,
+    pub status_detail: Option<String>,
+    /// `transaction_amount` converted from major units to cents.
+    pub amount: Option<Cents>,
+    /// `transaction_amount_refunded` in cents.
+    pub refunded: Option<Cents>,
+    pub external_reference: Option<String>,
+}
+
+/// A refund made through the payments API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub id: String,
+    pub status: Option<String>,
+    pub amount: Option<Cents>,
+}
+
+/// A Point device from the device listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: String,
+    /// `PDV`, `STANDALONE`, or whatever else the API says; `None` when absent.
+    pub operating_mode: Option<String>,
+    pub store_id: Option<String>,
+    pub pos_id: Option<String>,
+    pub external_pos_id: Option<String>,
+}
+
+/// Mercado Pago's error body, parsed leniently (`message`, `error`, `status`, `cause`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MpErrorBody {
+    pub message: Option<String>,
+    pub error: Option<String>,
+    pub status: Option<u16>,
+    /// `cause` kept as raw JSON text: its shape varies.
+    pub cause: Option<String>,
+}
+
+/// How a request failed. Keeps what an operator needs: status, body, `x-request-id`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The API answered with a non-success status.
+    #[error("{method} {path}: HTTP {status}{}{}", .body.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default(), .request_id.as_deref().map(|r| format!(" (x-request-id {r})")).unwrap_or_default())]
+    Status {
+        method: &'static str,
+        path: String,
+        status: u16,
+        body: MpErrorBody,
+        /// The body as received (truncated to 2 KiB), for when it is not JSON.
+        raw_body: String,
+        request_id: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    /// The request never left: connection refused, DNS, TLS handshake refused.
+    /// Safe to retry a create after this: nothing can have been committed.
+    #[error("{method} {path}: could not connect: {message}")]
+    Connect { method: &'static str, path: String, message: String },
+    /// The request may have reached the API but no usable answer came back (timeout,
+    /// reset after sending, truncated body). A create that fails this way is ambiguous.
+    #[error("{method} {path}: no answer: {message}")]
+    NoAnswer { method: &'static str, path: String, message: String },
+    /// A 2xx whose body we could not understand at all.
+    #[error("{method} {path}: unreadable answer: {message}")]
+    Decode { method: &'static str, path: String, message: String },
+    /// We refused to send: the request breaks a rule we know (per-site fields, limits).
+    #[error("not sent: {0}")]
+    Invalid(String),
+    /// The access token file could not be read.
+    #[error("access token: {0}")]
+    Token(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when a create that failed this way may nevertheless exist at Mercado Pago:
+    /// no answer, an unreadable 2xx, or a 5xx (the API may commit, then fail).
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            ApiError::NoAnswer { .. } | ApiError::Decode { .. } => true,
+            ApiError::Status { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// True when the API could not be reached or was overloaded: worth retrying later.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ApiError::Connect { .. } | ApiError::NoAnswer { .. } => true,
+            ApiError::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+
+    /// True when the token was refused (401/403).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self.status(), Some(401) | Some(403))
+    }
+
+    /// The server's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A one-line message for a person (goes into `error.message` of `failed`).
+    pub fn person_message(&self) -> String {
+        match self {
+            ApiError::Status { status, body, raw_body, .. } => {
+                let what = body
+                    .message
+                    .clone()
+                    .or_else(|| body.error.clone())
+                    .unwrap_or_else(|| raw_body.chars().take(200).collect());
+                format!("Mercado Pago answered {status}: {what}")
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The engine's view of a Point backend. One implementation per Mercado Pago API; the
+/// engine never sees HTTP. All methods are cancel-safe in the sense that dropping the
+/// future leaves nothing half-done on our side (the remote side may still commit: that
+/// is what `ApiError::is_ambiguous` and reconcile are for).
+pub trait PointBackend: Send + Sync + 'static {
+    /// Devices visible to the token (all pages).
+    fn list_devices(&self) -> impl Future<Output = Result<Vec<Device>, ApiError>> + Send;
+
+    /// Create a charge on a terminal (payment intent / order).
+    fn create_charge(
+        &self,
+        req: &CreateCharge,
+    ) -> impl Future<Output = Result<RemoteCharge, ApiError>> + Send;
+
+    /// Read a charge by its id.
+    fn get_charge(&self, id: &str) -> impl Future<Output = Result<RemoteCharge, ApiError>> + Send;
+
+    /// Cancel a charge still queued for its terminal (`Phase::Open`).
+    fn cancel_charge(
+        &self,
+        terminal: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    /// Charges created on the UTC day `date` (`YYYY-MM-DD`). Reconcile uses it.
+    /// `Ok(None)` when the API does not serve such a listing.
+    fn list_charges_on(
+        &self,
+        date: time::Date,
+    ) -> impl Future<Output = Result<Option<Vec<ListedCharge>>, ApiError>> + Send;
+
+    /// `GET /v1/payments/{id}`.
+    fn get_payment(&self, id: &str) -> impl Future<Output = Result<Payment, ApiError>> + Send;
+
+    /// Payments whose `external_reference` is this one.
+    fn search_payments(
+        &self,
+        external_reference: &str,
+    ) -> impl Future<Output = Result<Vec<Payment>, ApiError>> + Send;
+
+    /// `POST /v1/payments/{id}/refunds`: full when `amount` is `None`.
+    fn refund_payment(
+        &self,
+        payment_id: &str,
+        amount: Option<Cents>,
+        idempotency_key: &str,
+    ) -> impl Future<Output = Result<Refund, ApiError>> + Send;
+}
+
+/// Which site's rules apply to a request: used by backends to send only allowed fields.
+pub fn site_allows_ticket_number(site: Site) -> bool {
+    site == Site::MLA
+}
