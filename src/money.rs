@@ -16,3 +16,10 @@ pub enum Site {
 /// An amount in minor units (cents). 1500 is 15.00.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cents(pub u64);
+
+impl Cents {
+    /// Two decimals, as events carry amounts ("40.00").
+    pub fn to_decimal(&self) -> String {
+        format!("{}.{:02}", self.0 / 100, self.0 % 100)
+    }
+}

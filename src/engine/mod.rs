@@ -1,1 +1,1456 @@
-//! The charge engine.
+//! The charge engine: the pure state machine (`machine`) and the driver (this file)
+//! that performs its effects.
+//!
+//! One task owns the store and every open request. It takes commands from the station
+//! link, answers from the Point API and timers, and works in batches: it applies all
+//! inputs that are ready, writes the changed requests and their events in one store
+//! transaction, syncs once (group commit), and only then acknowledges commands (the link
+//! PUBACKs them), hands events to the link, and lets API calls leave. So nothing is
+//! promised, published or sent before it is durable.
+//!
+//! Per terminal one charge at a time holds the terminal (the API queues one intent per
+//! device); later charges wait in arrival order and are told `waiting`/`terminal_busy`.
+//! API calls go through one token bucket (`point.max_requests_per_second`).
+
+pub mod machine;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StationSection;
+use crate::money::Site;
+use crate::point::{ApiError, CreateCharge, Device, Payment, PointBackend, RemoteCharge};
+use crate::station::topics::Topics;
+use crate::station::validate::{self, ChargeCmd, CommandBody, Context, Refusal, ValidCommand};
+use crate::station::wire::{
+    AgentStatus, CommandType, ErrorCode, ErrorInfo, Event, PaymentInfo, State, TerminalState,
+};
+use crate::store::{self, Outgoing, Progress, ReplyTo, Request, Store, Writes};
+use machine::{Charge, Ctx, Effect, Emit, Failure, Input, Timing};
+
+/// The wall clock, injected so tests can drive time.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        d.as_millis() as i64
+    }
+}
+
+/// What the engine needs from config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub site: Site,
+    pub store_id: String,
+    pub topics: Topics,
+    pub stations: BTreeMap<String, StationSection>,
+    pub charge_ttl_ms: i64,
+    pub refund_ttl_ms: i64,
+    pub max_pending: usize,
+    pub timing: Timing,
+    pub max_requests_per_second: u32,
+    pub devices_refresh: Duration,
+    pub backend: &'static str,
+}
+
+/// MQTT 5 properties of a command that matter to the engine.
+#[derive(Debug, Clone, Default)]
+pub struct CommandProps {
+    pub response_topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+    pub message_expiry_s: Option<u32>,
+}
+
+/// Messages to the engine task.
+#[derive(Debug)]
+pub enum ToEngine {
+    /// A command from a station. `done` is answered once the command is durably stored
+    /// or refused: then, and only then, the link acknowledges it to the broker.
+    Command {
+        station: String,
+        payload: Vec<u8>,
+        props: CommandProps,
+        done: oneshot::Sender<()>,
+    },
+    /// The broker acknowledged an outbox event.
+    Published { outbox_id: u64 },
+    /// The link (re)connected: send it the whole outbox again, after a `Resync` marker.
+    Connected { session_present: bool },
+}
+
+/// Messages to the link's publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToLink {
+    /// Everything before this may be dropped: the full outbox follows.
+    Resync,
+    Publish(LinkPublish),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkPublish {
+    /// `Some` for outbox events (removed on PUBACK); `None` for retained status.
+    pub outbox_id: Option<u64>,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub correlation: Option<Vec<u8>>,
+    pub retain: bool,
+}
+
+/// The engine's cloneable handle.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<ToEngine>,
+}
+
+impl EngineHandle {
+    pub async fn send(&self, msg: ToEngine) -> bool {
+        self.tx.send(msg).await.is_ok()
+    }
+}
+
+/// Create the engine's channel.
+pub fn channel() -> (EngineHandle, mpsc::Receiver<ToEngine>) {
+    let (tx, rx) = mpsc::channel(1024);
+    (EngineHandle { tx }, rx)
+}
+
+#[derive(Debug)]
+enum Op {
+    Create(CreateCharge),
+    Poll(String),
+    Payment(String),
+    Search(String),
+    Cancel { terminal: String, intent_id: String },
+    Devices,
+}
+
+#[derive(Debug)]
+struct ApiCall {
+    key: Vec<u8>,
+    op: Op,
+}
+
+#[derive(Debug)]
+enum ApiAnswer {
+    Create(Result<RemoteCharge, ApiError>),
+    Poll(Result<RemoteCharge, ApiError>),
+    Payment(Result<Payment, ApiError>),
+    Search(Result<Vec<Payment>, ApiError>),
+    Cancel(Result<(), ApiError>),
+    Devices(Result<Vec<Device>, ApiError>),
+}
+
+#[derive(Debug)]
+struct ApiResult {
+    key: Vec<u8>,
+    answer: ApiAnswer,
+}
+
+/// Map an API error to what the machine needs to know.
+fn failure(e: &ApiError, creating: bool) -> Failure {
+    if e.is_unauthorized() || matches!(e, ApiError::Token(_)) {
+        return Failure::Unauthorized;
+    }
+    match e.status() {
+        Some(429) => Failure::Unreachable {
+            retry_after_ms: e.retry_after().map(|d| d.as_millis() as i64),
+            rate_limited: true,
+        },
+        Some(409) => Failure::Conflict,
+        Some(404) => Failure::NotFound,
+        Some(s) if s >= 500 => {
+            if creating {
+                Failure::Ambiguous
+            } else {
+                Failure::Unreachable {
+                    retry_after_ms: e.retry_after().map(|d| d.as_millis() as i64),
+                    rate_limited: false,
+                }
+            }
+        }
+        Some(_) => Failure::Refused {
+            message: e.person_message(),
+        },
+        None => match e {
+            ApiError::Connect { .. } => Failure::Unreachable {
+                retry_after_ms: None,
+                rate_limited: false,
+            },
+            ApiError::Invalid(m) => Failure::Refused { message: m.clone() },
+            _ if creating => Failure::Ambiguous,
+            _ => Failure::Unreachable {
+                retry_after_ms: None,
+                rate_limited: false,
+            },
+        },
+    }
+}
+
+/// The API's health as the status topic reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApiHealth {
+    Ok,
+    Unreachable,
+    Unauthorized,
+}
+
+#[derive(Debug, Default)]
+struct TermQueue {
+    holder: Option<Vec<u8>>,
+    waiting: VecDeque<Vec<u8>>,
+    published: Option<(bool, Option<String>, u32, String)>,
+}
+
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last_ms: i64,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> TokenBucket {
+        TokenBucket {
+            rate: rate.max(1) as f64,
+            tokens: rate.max(1) as f64,
+            last_ms: 0,
+        }
+    }
+    fn refill(&mut self, now: i64) {
+        if now > self.last_ms {
+            self.tokens =
+                (self.tokens + (now - self.last_ms) as f64 * self.rate / 1000.0).min(self.rate);
+            self.last_ms = now;
+        }
+    }
+    fn take(&mut self, now: i64) -> bool {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+    fn next_at(&self) -> i64 {
+        self.last_ms + (((1.0 - self.tokens).max(0.0) * 1000.0 / self.rate).ceil() as i64).max(1)
+    }
+}
+
+/// Render Unix milliseconds as RFC 3339 (UTC).
+pub fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The `external_reference` the agent sends when the station gave none: unique per
+/// store, station and request id, stable across restarts and repeats, and within the
+/// contract's own charset (`A-Za-z0-9_-`, at most 64).
+pub fn derived_reference(store: &str, station: &str, request_id: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [store, station, request_id] {
+        ctx.update(part.as_bytes());
+        ctx.update(&[0]);
+    }
+    let d = ctx.finish();
+    let hex: String = d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("pg-{hex}")
+}
+
+/// MLA's ticket number when the station gave none: from the request id, in the allowed
+/// charset (`A-Za-z0-9-`, at most 20).
+pub fn derived_ticket(request_id: &str) -> String {
+    let t: String = request_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let tail = t.len().saturating_sub(20);
+    t[tail..].to_string()
+}
+
+pub struct Engine<B: PointBackend> {
+    s: Settings,
+    store: Store,
+    backend: Arc<B>,
+    clock: Arc<dyn Clock>,
+    link: mpsc::UnboundedSender<ToLink>,
+    api_tx: mpsc::UnboundedSender<ApiResult>,
+    api_rx: mpsc::UnboundedReceiver<ApiResult>,
+    active: HashMap<Vec<u8>, Request>,
+    wakes: BTreeSet<(i64, Vec<u8>)>,
+    wake_of: HashMap<Vec<u8>, i64>,
+    terminals: BTreeMap<String, TermQueue>,
+    /// target request key → the open cancel request's key.
+    cancels: HashMap<Vec<u8>, Vec<u8>>,
+    inflight: HashSet<Vec<u8>>,
+    calls: Vec<ApiCall>,
+    api_queue: VecDeque<ApiCall>,
+    bucket: TokenBucket,
+    devices: Option<HashMap<String, String>>,
+    next_devices_ms: i64,
+    health: ApiHealth,
+    failing_since_ms: Option<i64>,
+    published_status: Option<AgentStatus>,
+    since: String,
+    // the batch under way
+    writes: Writes,
+    dirty: BTreeSet<Vec<u8>>,
+    replies: Vec<oneshot::Sender<()>>,
+    publishes: Vec<LinkPublish>,
+    resync: bool,
+}
+
+impl<B: PointBackend> Engine<B> {
+    pub fn new(
+        s: Settings,
+        store: Store,
+        backend: Arc<B>,
+        clock: Arc<dyn Clock>,
+        link: mpsc::UnboundedSender<ToLink>,
+    ) -> Engine<B> {
+        let (api_tx, api_rx) = mpsc::unbounded_channel();
+        let bucket = TokenBucket::new(s.max_requests_per_second);
+        let now = clock.now_ms();
+        Engine {
+            s,
+            store,
+            backend,
+            since: rfc3339(now),
+            clock,
+            link,
+            api_tx,
+            api_rx,
+            active: HashMap::new(),
+            wakes: BTreeSet::new(),
+            wake_of: HashMap::new(),
+            terminals: BTreeMap::new(),
+            cancels: HashMap::new(),
+            inflight: HashSet::new(),
+            calls: Vec::new(),
+            api_queue: VecDeque::new(),
+            bucket,
+            devices: None,
+            next_devices_ms: 0,
+            health: ApiHealth::Ok,
+            failing_since_ms: None,
+            published_status: None,
+            writes: Writes::default(),
+            dirty: BTreeSet::new(),
+            replies: Vec::new(),
+            publishes: Vec::new(),
+            resync: false,
+        }
+    }
+
+    fn ctx(&self, now: i64) -> Ctx {
+        Ctx {
+            now_ms: now,
+            jitter: fastrand::f64(),
+            timing: self.s.timing,
+        }
+    }
+
+    /// Load every open request and resume it.
+    pub fn recover(&mut self) -> Result<usize, store::StoreError> {
+        let now = self.clock.now_ms();
+        let mut open = self.store.open_requests()?;
+        open.sort_by(|a, b| {
+            a.received_ms
+                .cmp(&b.received_ms)
+                .then_with(|| a.key().cmp(&b.key()))
+        });
+        let n = open.len();
+        for r in open {
+            let key = r.key();
+            match (&r.progress, &r.body) {
+                (Progress::Charge(ch), CommandBody::Charge(c)) => {
+                    let q = self.terminals.entry(c.terminal.clone()).or_default();
+                    if ch.holds_terminal() {
+                        q.holder = Some(key.clone());
+                    } else {
+                        q.waiting.push_back(key.clone());
+                    }
+                }
+                (Progress::Cancel { target, .. }, _) => {
+                    self.cancels
+                        .insert(store::key(&r.station, target), key.clone());
+                }
+                _ => {}
+            }
+            self.active.insert(key, r);
+        }
+        let keys: Vec<Vec<u8>> = self.active.keys().cloned().collect();
+        for k in &keys {
+            if matches!(
+                self.active.get(k).map(|r| &r.progress),
+                Some(Progress::Charge(_))
+            ) {
+                self.apply(k, Input::Restarted, now);
+            }
+        }
+        // Cancels whose target ended while we were down.
+        let cancels: Vec<(Vec<u8>, Vec<u8>)> = self
+            .cancels
+            .iter()
+            .map(|(t, c)| (t.clone(), c.clone()))
+            .collect();
+        for (target, cancel) in cancels {
+            if !self.active.contains_key(&target) {
+                self.cancels.remove(&target);
+                self.finish_cancel(
+                    &cancel,
+                    Err((ErrorCode::NotCancelable, "the charge ended first".into())),
+                    now,
+                );
+            }
+        }
+        self.commit();
+        Ok(n)
+    }
+
+    /// The engine task.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ToEngine>, shutdown: CancellationToken) {
+        self.schedule_terminals(self.clock.now_ms());
+        self.commit();
+        self.publish_status(true);
+        self.flush_link();
+        loop {
+            let now = self.clock.now_ms();
+            let next = self.next_wake(now);
+            let sleep =
+                tokio::time::sleep(Duration::from_millis((next - now).clamp(0, 60_000) as u64));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    self.on_message(m);
+                    let mut n = 0;
+                    while n < 512 {
+                        match rx.try_recv() {
+                            Ok(m) => self.on_message(m),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                r = self.api_rx.recv() => {
+                    if let Some(r) = r {
+                        self.on_api(r);
+                        while let Ok(r) = self.api_rx.try_recv() {
+                            self.on_api(r);
+                        }
+                    }
+                }
+                _ = sleep => {}
+            }
+            let now = self.clock.now_ms();
+            self.wake_due(now);
+            self.schedule_terminals(now);
+            self.maybe_refresh_devices(now);
+            self.commit();
+            self.publish_status(false);
+            self.publish_terminals();
+            self.flush_link();
+            self.launch(now);
+        }
+        // Make everything durable before returning.
+        self.commit();
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+    }
+
+    fn next_wake(&self, now: i64) -> i64 {
+        let mut next = now + 1_000;
+        if let Some((at, _)) = self.wakes.iter().next() {
+            next = next.min(*at);
+        }
+        if self
+            .api_queue
+            .iter()
+            .any(|c| c.key.is_empty() || !self.inflight.contains(&c.key))
+        {
+            next = next.min(self.bucket.next_at());
+        }
+        next.min(self.next_devices_ms.max(now))
+    }
+
+    // ---------------------------------------------------------------- inputs
+
+    fn on_message(&mut self, m: ToEngine) {
+        let now = self.clock.now_ms();
+        match m {
+            ToEngine::Command {
+                station,
+                payload,
+                props,
+                done,
+            } => {
+                self.on_command(&station, &payload, props, now);
+                self.replies.push(done);
+            }
+            ToEngine::Published { outbox_id } => {
+                if let Err(e) = self.store.outbox_remove(outbox_id) {
+                    tracing::warn!(error = %e, outbox_id, "could not remove an acknowledged event");
+                }
+            }
+            ToEngine::Connected { session_present } => {
+                tracing::info!(
+                    session_present,
+                    "station link connected; resending the outbox"
+                );
+                self.resync = true;
+                self.published_status = None;
+                for q in self.terminals.values_mut() {
+                    q.published = None;
+                }
+                if !session_present {
+                    self.republish_recent(now);
+                }
+            }
+        }
+    }
+
+    /// After a session loss: the latest event of every open request and of every request
+    /// that ended in the last hour goes out again.
+    fn republish_recent(&mut self, now: i64) {
+        let mut reqs: Vec<Request> = self.active.values().cloned().collect();
+        match self.store.recent_final(now - 3_600_000) {
+            Ok(mut r) => reqs.append(&mut r),
+            Err(e) => tracing::error!(error = %e, "could not read recent requests to republish"),
+        }
+        reqs.sort_by_key(|r| r.received_ms);
+        for r in reqs {
+            if !r.last_event.is_empty() {
+                let out = Outgoing {
+                    topic: self.topic_for(&r),
+                    payload: r.last_event.clone(),
+                    correlation: r.reply.as_ref().and_then(|x| x.correlation.clone()),
+                };
+                let id = self.store.next_outbox_id();
+                self.writes.outbox.push((id, out));
+            }
+        }
+    }
+
+    fn topic_for(&self, r: &Request) -> String {
+        match &r.reply {
+            Some(reply) => reply.topic.clone(),
+            None => self.s.topics.events(&r.station),
+        }
+    }
+
+    fn refuse(
+        &mut self,
+        station: &str,
+        props: &CommandProps,
+        refusal: Refusal,
+        current: Option<Event>,
+        now: i64,
+    ) {
+        tracing::info!(station, request_id = ?refusal.request_id, code = ?refusal.code, message = %refusal.message, "command refused");
+        let mut ev = Event::new(
+            refusal.request_id.clone(),
+            refusal.kind,
+            State::Refused,
+            0,
+            rfc3339(now),
+        );
+        ev.error = Some(ErrorInfo {
+            code: refusal.code,
+            message: refusal.message,
+        });
+        ev.current = current.map(Box::new);
+        let topic = self
+            .reply_topic(station, props)
+            .unwrap_or_else(|| self.s.topics.events(station));
+        self.push_outbox(topic, ev.to_json(), props.correlation.clone());
+    }
+
+    fn answer(&mut self, station: &str, props: &CommandProps, ev: Event) {
+        let topic = self
+            .reply_topic(station, props)
+            .unwrap_or_else(|| self.s.topics.events(station));
+        self.push_outbox(topic, ev.to_json(), props.correlation.clone());
+    }
+
+    /// The Response Topic of an MQTT 5 command, if it is an allowed one.
+    fn reply_topic(&self, station: &str, props: &CommandProps) -> Option<String> {
+        props
+            .response_topic
+            .as_ref()
+            .filter(|t| self.s.topics.is_station_topic(station, t))
+            .cloned()
+    }
+
+    fn push_outbox(&mut self, topic: String, payload: Vec<u8>, correlation: Option<Vec<u8>>) {
+        let id = self.store.next_outbox_id();
+        self.writes.outbox.push((
+            id,
+            Outgoing {
+                topic,
+                payload,
+                correlation,
+            },
+        ));
+    }
+
+    fn on_command(&mut self, station: &str, payload: &[u8], props: CommandProps, now: i64) {
+        let listed: Option<HashSet<String>> =
+            self.devices.as_ref().map(|d| d.keys().cloned().collect());
+        let ctx = Context {
+            site: self.s.site,
+            station,
+            stations: &self.s.stations,
+            listed_terminals: listed.as_ref(),
+            refund_ttl_max_s: (self.s.refund_ttl_ms / 1000) as u64,
+        };
+        let cmd = match validate::validate(payload, &ctx) {
+            Ok(c) => c,
+            Err(r) => return self.refuse(station, &props, r, None, now),
+        };
+        let kind = cmd.body.kind();
+        let refusal = |code: ErrorCode, message: String| Refusal {
+            request_id: Some(cmd.request_id.clone()),
+            kind: Some(kind),
+            code,
+            message,
+        };
+        if let Some(rt) = &props.response_topic {
+            if !self.s.topics.is_station_topic(station, rt) {
+                let r = refusal(
+                    ErrorCode::BadField,
+                    format!("response topic `{rt}` is not under this station's own topics"),
+                );
+                let props = CommandProps {
+                    response_topic: None,
+                    ..props
+                };
+                return self.refuse(station, &props, r, None, now);
+            }
+        }
+        match &cmd.body {
+            CommandBody::Query { target } => {
+                match self.lookup(station, target) {
+                    Some(t) => {
+                        let mut ev = Event::new(
+                            Some(cmd.request_id.clone()),
+                            Some(kind),
+                            State::Answered,
+                            0,
+                            rfc3339(now),
+                        );
+                        ev.target = serde_json::from_slice(&t.last_event).ok().map(Box::new);
+                        self.answer(station, &props, ev);
+                    }
+                    None => {
+                        let r = refusal(
+                            ErrorCode::UnknownTarget,
+                            format!("no request `{target}` of this station"),
+                        );
+                        self.refuse(station, &props, r, None, now);
+                    }
+                }
+                return;
+            }
+            CommandBody::Terminals => {
+                let mut ev = Event::new(
+                    Some(cmd.request_id.clone()),
+                    Some(kind),
+                    State::Answered,
+                    0,
+                    rfc3339(now),
+                );
+                let bound = self
+                    .s
+                    .stations
+                    .get(station)
+                    .map(|s| s.terminals.clone())
+                    .unwrap_or_default();
+                ev.terminals = Some(bound.iter().map(|t| self.terminal_state(t)).collect());
+                self.answer(station, &props, ev);
+                return;
+            }
+            _ => {}
+        }
+        // A repeat of a stored request?
+        if let Some(existing) = self.lookup(station, &cmd.request_id) {
+            if existing.body == cmd.body {
+                let out = Outgoing {
+                    topic: self.topic_for(&existing),
+                    payload: existing.last_event.clone(),
+                    correlation: existing.reply.as_ref().and_then(|r| r.correlation.clone()),
+                };
+                let id = self.store.next_outbox_id();
+                self.writes.outbox.push((id, out));
+            } else {
+                let current = serde_json::from_slice(&existing.last_event).ok();
+                let r = refusal(
+                    ErrorCode::Conflict,
+                    format!(
+                        "request_id `{}` was already used for another command",
+                        cmd.request_id
+                    ),
+                );
+                self.refuse(station, &props, r, current, now);
+            }
+            return;
+        }
+        let pending = self.active.len();
+        if pending >= self.s.max_pending {
+            let r = refusal(
+                ErrorCode::QueueFull,
+                format!("{pending} requests are pending; try again later"),
+            );
+            return self.refuse(station, &props, r, None, now);
+        }
+        match cmd.body.clone() {
+            CommandBody::Charge(c) => self.accept_charge(station, &cmd, c, props, now),
+            CommandBody::Cancel { target } => {
+                self.accept_cancel(station, &cmd, &target, props, now)
+            }
+            CommandBody::Refund(_) => {
+                let r = refusal(
+                    ErrorCode::BadField,
+                    "refunds are not available in this version of the agent".into(),
+                );
+                self.refuse(station, &props, r, None, now);
+            }
+            CommandBody::Query { .. } | CommandBody::Terminals => {}
+        }
+    }
+
+    /// A request of this station, open or stored.
+    fn lookup(&self, station: &str, request_id: &str) -> Option<Request> {
+        let key = store::key(station, request_id);
+        if let Some(r) = self.active.get(&key) {
+            return Some(r.clone());
+        }
+        match self.store.get(station, request_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed");
+                None
+            }
+        }
+    }
+
+    fn accept_charge(
+        &mut self,
+        station: &str,
+        cmd: &ValidCommand,
+        c: ChargeCmd,
+        props: CommandProps,
+        now: i64,
+    ) {
+        let refusal = |code: ErrorCode, message: String| Refusal {
+            request_id: Some(cmd.request_id.clone()),
+            kind: Some(CommandType::Charge),
+            code,
+            message,
+        };
+        if let Some(devices) = &self.devices {
+            match devices.get(&c.terminal) {
+                Some(mode) if mode.eq_ignore_ascii_case("STANDALONE") => {
+                    let r = refusal(
+                        ErrorCode::TerminalUnavailable,
+                        format!(
+                            "terminal `{}` is in STANDALONE mode; switch it to PDV",
+                            c.terminal
+                        ),
+                    );
+                    return self.refuse(station, &props, r, None, now);
+                }
+                Some(_) => {}
+                None => {
+                    let r = refusal(
+                        ErrorCode::TerminalUnavailable,
+                        format!("terminal `{}` is not among the devices Mercado Pago lists for this account", c.terminal),
+                    );
+                    return self.refuse(station, &props, r, None, now);
+                }
+            }
+        }
+        let ext_ref = c
+            .external_reference
+            .clone()
+            .unwrap_or_else(|| derived_reference(&self.s.store_id, station, &cmd.request_id));
+        let key = store::key(station, &cmd.request_id);
+        let owner = self
+            .writes
+            .refs
+            .iter()
+            .find(|(r, _)| *r == ext_ref)
+            .map(|(_, k)| k.clone());
+        let owner = match owner {
+            Some(o) => Some(o),
+            None => self.store.ref_owner(&ext_ref).unwrap_or(None),
+        };
+        if owner.is_some_and(|o| o != key) {
+            let r = refusal(
+                ErrorCode::DuplicateReference,
+                format!("external_reference `{ext_ref}` belongs to another request"),
+            );
+            return self.refuse(station, &props, r, None, now);
+        }
+        let ttl_ms = c
+            .ttl_s
+            .map(|s| s as i64 * 1000)
+            .unwrap_or(self.s.charge_ttl_ms);
+        let mut deadline = now + ttl_ms;
+        if let Some(e) = c.expires_at_ms {
+            deadline = deadline.min(e);
+        }
+        if let Some(x) = props.message_expiry_s {
+            deadline = deadline.min(now + x as i64 * 1000);
+        }
+        let terminal = c.terminal.clone();
+        let charge = Charge::new(c.amount, deadline);
+        let req = Request {
+            station: station.to_string(),
+            request_id: cmd.request_id.clone(),
+            body: cmd.body.clone(),
+            received_ms: now,
+            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
+                topic,
+                correlation: props.correlation.clone(),
+            }),
+            external_reference: Some(ext_ref.clone()),
+            progress: Progress::Charge(charge),
+            seq: 0,
+            last_event: Vec::new(),
+            final_ms: None,
+        };
+        tracing::info!(station, request_id = %cmd.request_id, terminal = %terminal, amount = %c.amount.to_decimal(), "charge accepted");
+        self.writes.refs.push((ext_ref, key.clone()));
+        self.active.insert(key.clone(), req);
+        self.emit(
+            &key,
+            Emit {
+                state: State::Accepted,
+                reason: None,
+                error: None,
+                resolved_by: None,
+            },
+            now,
+        );
+        self.terminals
+            .entry(terminal)
+            .or_default()
+            .waiting
+            .push_back(key.clone());
+        self.set_wake(&key);
+    }
+
+    fn accept_cancel(
+        &mut self,
+        station: &str,
+        cmd: &ValidCommand,
+        target: &str,
+        props: CommandProps,
+        now: i64,
+    ) {
+        let refusal = |code: ErrorCode, message: String| Refusal {
+            request_id: Some(cmd.request_id.clone()),
+            kind: Some(CommandType::Cancel),
+            code,
+            message,
+        };
+        let tkey = store::key(station, target);
+        let Some(t) = self.lookup(station, target) else {
+            let r = refusal(
+                ErrorCode::UnknownTarget,
+                format!("no request `{target}` of this station"),
+            );
+            return self.refuse(station, &props, r, None, now);
+        };
+        let Progress::Charge(ch) = &t.progress else {
+            let r = refusal(
+                ErrorCode::UnknownTarget,
+                format!("request `{target}` is not a charge"),
+            );
+            return self.refuse(station, &props, r, None, now);
+        };
+        use machine::{Remote, Stage};
+        let known = match &ch.stage {
+            Stage::Done { .. } => Some("the charge is already final"),
+            Stage::Live {
+                remote: Remote::OnTerminal | Remote::Processing,
+                ..
+            }
+            | Stage::Confirming { .. } => {
+                Some("the charge is already on the terminal: cancel it there")
+            }
+            Stage::NeedsAttention { .. } => {
+                Some("the outcome of this charge is not known yet: staff must check the terminal")
+            }
+            _ if self.cancels.contains_key(&tkey) => {
+                Some("a cancel of this charge is already under way")
+            }
+            _ => None,
+        };
+        if let Some(why) = known {
+            let r = refusal(ErrorCode::NotCancelable, why.into());
+            return self.refuse(station, &props, r, None, now);
+        }
+        let key = store::key(station, &cmd.request_id);
+        let req = Request {
+            station: station.to_string(),
+            request_id: cmd.request_id.clone(),
+            body: cmd.body.clone(),
+            received_ms: now,
+            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
+                topic,
+                correlation: props.correlation.clone(),
+            }),
+            external_reference: None,
+            progress: Progress::Cancel {
+                target: target.to_string(),
+                done: false,
+            },
+            seq: 0,
+            last_event: Vec::new(),
+            final_ms: None,
+        };
+        self.active.insert(key.clone(), req);
+        self.emit(
+            &key,
+            Emit {
+                state: State::Accepted,
+                reason: None,
+                error: None,
+                resolved_by: None,
+            },
+            now,
+        );
+        self.cancels.insert(tkey.clone(), key);
+        self.apply(&tkey, Input::CancelRequested, now);
+    }
+
+    fn finish_cancel(
+        &mut self,
+        cancel_key: &[u8],
+        result: Result<(), (ErrorCode, String)>,
+        now: i64,
+    ) {
+        let emit = match result {
+            Ok(()) => Emit {
+                state: State::Done,
+                reason: None,
+                error: None,
+                resolved_by: None,
+            },
+            Err((code, message)) => Emit {
+                state: State::Failed,
+                reason: None,
+                error: Some((code, message)),
+                resolved_by: None,
+            },
+        };
+        if let Some(r) = self.active.get_mut(cancel_key) {
+            if let Progress::Cancel { done, .. } = &mut r.progress {
+                *done = true;
+            }
+        }
+        self.emit(cancel_key, emit, now);
+    }
+
+    fn on_api(&mut self, r: ApiResult) {
+        let now = self.clock.now_ms();
+        self.inflight.remove(&r.key);
+        let ok = match &r.answer {
+            ApiAnswer::Create(x) | ApiAnswer::Poll(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Payment(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Search(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Cancel(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Devices(x) => x.as_ref().err().cloned(),
+        };
+        self.note_health(ok.as_ref(), now);
+        let input = match r.answer {
+            ApiAnswer::Devices(res) => {
+                match res {
+                    Ok(list) => {
+                        let map: HashMap<String, String> = list
+                            .into_iter()
+                            .map(|d| (d.id, d.operating_mode.unwrap_or_else(|| "UNKNOWN".into())))
+                            .collect();
+                        tracing::info!(devices = map.len(), "device list refreshed");
+                        self.devices = Some(map);
+                        for q in self.terminals.values_mut() {
+                            q.published = None;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "device listing failed"),
+                }
+                return;
+            }
+            ApiAnswer::Create(res) => {
+                if let Err(e) = &res {
+                    tracing::warn!(error = %e, "create failed");
+                }
+                Input::CreateDone(res.map_err(|e| failure(&e, true)))
+            }
+            ApiAnswer::Poll(res) => Input::PollDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Payment(res) => Input::PaymentDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Search(res) => Input::SearchDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Cancel(res) => Input::CancelDone(res.map_err(|e| failure(&e, false))),
+        };
+        self.apply(&r.key, input, now);
+    }
+
+    fn note_health(&mut self, err: Option<&ApiError>, now: i64) {
+        match err {
+            None => {
+                self.health = ApiHealth::Ok;
+                self.failing_since_ms = None;
+            }
+            Some(e) if e.is_unauthorized() || matches!(e, ApiError::Token(_)) => {
+                self.health = ApiHealth::Unauthorized
+            }
+            Some(e) if e.is_unreachable() => {
+                let since = *self.failing_since_ms.get_or_insert(now);
+                if now - since > 10_000 {
+                    self.health = ApiHealth::Unreachable;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn wake_due(&mut self, now: i64) {
+        let due: Vec<Vec<u8>> = self
+            .wakes
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, k)| k.clone())
+            .collect();
+        for k in due {
+            self.apply(&k, Input::Wake, now);
+        }
+    }
+
+    fn schedule_terminals(&mut self, now: i64) {
+        let names: Vec<String> = self.terminals.keys().cloned().collect();
+        for name in names {
+            // Drop entries that ended while waiting (expired, canceled).
+            if let Some(q) = self.terminals.get_mut(&name) {
+                let active = &self.active;
+                q.waiting.retain(|k| active.contains_key(k));
+                if q.holder.as_ref().is_some_and(|h| !active.contains_key(h)) {
+                    q.holder = None;
+                }
+            }
+            let (holder, waiting) = match self.terminals.get(&name) {
+                Some(q) => (q.holder.clone(), q.waiting.clone()),
+                None => continue,
+            };
+            let mut busy = holder.is_some();
+            for k in waiting {
+                if self.inflight.contains(&k) {
+                    busy = true;
+                    continue;
+                }
+                if busy {
+                    self.apply(&k, Input::TerminalBusy, now);
+                    continue;
+                }
+                self.apply(&k, Input::MayStart, now);
+                busy = true;
+            }
+        }
+    }
+
+    /// Apply one input to a charge, then act on its effects.
+    fn apply(&mut self, key: &[u8], input: Input, now: i64) {
+        let ctx = self.ctx(now);
+        let Some(req) = self.active.get_mut(key) else {
+            return;
+        };
+        let Progress::Charge(ch) = &mut req.progress else {
+            return;
+        };
+        let before = ch.clone();
+        let fx = ch.step(input, &ctx);
+        if *ch != before {
+            self.dirty.insert(key.to_vec());
+        }
+        for e in fx {
+            self.effect(key, e, now);
+        }
+        self.set_wake(key);
+    }
+
+    fn effect(&mut self, key: &[u8], e: Effect, now: i64) {
+        let Some(req) = self.active.get(key) else {
+            return;
+        };
+        let CommandBody::Charge(c) = &req.body else {
+            return;
+        };
+        let terminal = c.terminal.clone();
+        match e {
+            Effect::Emit(em) => self.emit(key, em, now),
+            Effect::Create => {
+                let site = self.s.site;
+                let create = CreateCharge {
+                    terminal: terminal.clone(),
+                    amount: c.amount,
+                    external_reference: req.external_reference.clone().unwrap_or_default(),
+                    description: c.description.clone(),
+                    ticket_number: match site {
+                        Site::MLA => Some(
+                            c.ticket_number
+                                .clone()
+                                .unwrap_or_else(|| derived_ticket(&req.request_id)),
+                        ),
+                        _ => None,
+                    },
+                    print_on_terminal: c.print_on_terminal,
+                    payment: c.payment.clone(),
+                    idempotency_key: None,
+                };
+                self.terminals.entry(terminal).or_default().holder = Some(key.to_vec());
+                self.dirty.insert(key.to_vec());
+                self.calls.push(ApiCall {
+                    key: key.to_vec(),
+                    op: Op::Create(create),
+                });
+            }
+            Effect::Poll { intent_id } => self.calls.push(ApiCall {
+                key: key.to_vec(),
+                op: Op::Poll(intent_id),
+            }),
+            Effect::LookupPayment { payment_id } => self.calls.push(ApiCall {
+                key: key.to_vec(),
+                op: Op::Payment(payment_id),
+            }),
+            Effect::SearchPayments => {
+                let r = req.external_reference.clone().unwrap_or_default();
+                self.calls.push(ApiCall {
+                    key: key.to_vec(),
+                    op: Op::Search(r),
+                })
+            }
+            Effect::CancelRemote { intent_id } => self.calls.push(ApiCall {
+                key: key.to_vec(),
+                op: Op::Cancel {
+                    terminal,
+                    intent_id,
+                },
+            }),
+            Effect::ReleaseTerminal => {
+                if let Some(q) = self.terminals.get_mut(&terminal) {
+                    if q.holder.as_deref() == Some(key) {
+                        q.holder = None;
+                    }
+                    q.waiting.retain(|k| k != key);
+                    // A charge sent back to the queue after a failure keeps its place.
+                    if let Some(Progress::Charge(ch)) = self.active.get(key).map(|r| &r.progress) {
+                        if !ch.is_final() {
+                            q.waiting.push_front(key.to_vec());
+                        }
+                    }
+                }
+            }
+            Effect::CancelAnswer(result) => {
+                if let Some(ck) = self.cancels.remove(key) {
+                    self.finish_cancel(&ck, result, now);
+                }
+            }
+        }
+    }
+
+    /// Record an event for a stored request: next seq, last event, outbox.
+    fn emit(&mut self, key: &[u8], em: Emit, now: i64) {
+        let Some(req) = self.active.get_mut(key) else {
+            return;
+        };
+        req.seq += 1;
+        let mut ev = Event::new(
+            Some(req.request_id.clone()),
+            Some(req.body.kind()),
+            em.state,
+            req.seq,
+            rfc3339(now),
+        );
+        if let CommandBody::Charge(c) = &req.body {
+            ev.terminal = Some(c.terminal.clone());
+            ev.amount = Some(c.amount.to_decimal());
+        }
+        if let Progress::Charge(ch) = &req.progress {
+            ev.intent_id = ch.intent_id().map(str::to_string);
+            if em.state.is_final() || em.state == State::NeedsAttention {
+                ev.payment = ch.payment.as_ref().map(|p| PaymentInfo {
+                    id: p.id.clone(),
+                    status: p.status.clone(),
+                    status_detail: p.status_detail.clone(),
+                });
+            }
+        }
+        ev.reason = em.reason;
+        ev.error = em.error.map(|(code, message)| ErrorInfo { code, message });
+        ev.resolved_by = em.resolved_by;
+        let payload = ev.to_json();
+        req.last_event = payload.clone();
+        if em.state.is_final() {
+            req.final_ms = Some(now);
+        }
+        tracing::info!(station = %req.station, request_id = %req.request_id, state = em.state.as_str(), seq = req.seq, "event");
+        let topic = match &req.reply {
+            Some(r) => r.topic.clone(),
+            None => self.s.topics.events(&req.station),
+        };
+        let correlation = req.reply.as_ref().and_then(|r| r.correlation.clone());
+        self.dirty.insert(key.to_vec());
+        self.push_outbox(topic, payload, correlation);
+    }
+
+    fn set_wake(&mut self, key: &[u8]) {
+        if let Some(old) = self.wake_of.remove(key) {
+            self.wakes.remove(&(old, key.to_vec()));
+        }
+        let at = match self.active.get(key).map(|r| &r.progress) {
+            Some(Progress::Charge(ch)) => ch.next_at_ms,
+            _ => None,
+        };
+        if let Some(at) = at {
+            self.wakes.insert((at, key.to_vec()));
+            self.wake_of.insert(key.to_vec(), at);
+        }
+    }
+
+    fn maybe_refresh_devices(&mut self, now: i64) {
+        if now >= self.next_devices_ms {
+            self.next_devices_ms = now + self.s.devices_refresh.as_millis() as i64;
+            self.calls.push(ApiCall {
+                key: Vec::new(),
+                op: Op::Devices,
+            });
+        }
+    }
+
+    // ---------------------------------------------------------------- outputs
+
+    /// Write the batch, sync once, then acknowledge and publish.
+    fn commit(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for k in &dirty {
+            if let Some(r) = self.active.get(k) {
+                self.writes.requests.push(r.clone());
+            }
+        }
+        let writes = std::mem::take(&mut self.writes);
+        if !writes.is_empty() {
+            let res = self.store.write(&writes).and_then(|_| self.store.sync());
+            if let Err(e) = res {
+                // Nothing of this batch is acknowledged or sent: the broker redelivers
+                // the commands, and the API calls wait for the next successful write.
+                tracing::error!(error = %e, "store write failed; nothing of this batch is acknowledged");
+                self.replies.clear();
+                self.calls.clear();
+                return;
+            }
+            for (id, o) in writes.outbox {
+                self.publishes.push(LinkPublish {
+                    outbox_id: Some(id),
+                    topic: o.topic,
+                    payload: o.payload,
+                    correlation: o.correlation,
+                    retain: false,
+                });
+            }
+        }
+        for k in &dirty {
+            if self.active.get(k).is_some_and(|r| r.is_final()) {
+                self.active.remove(k);
+                if let Some(at) = self.wake_of.remove(k) {
+                    self.wakes.remove(&(at, k.clone()));
+                }
+            }
+        }
+        for done in self.replies.drain(..) {
+            let _ = done.send(());
+        }
+        self.api_queue.extend(self.calls.drain(..));
+    }
+
+    fn flush_link(&mut self) {
+        if std::mem::take(&mut self.resync) {
+            let _ = self.link.send(ToLink::Resync);
+            match self.store.outbox() {
+                Ok(all) => {
+                    for (id, o) in all {
+                        let _ = self.link.send(ToLink::Publish(LinkPublish {
+                            outbox_id: Some(id),
+                            topic: o.topic,
+                            payload: o.payload,
+                            correlation: o.correlation,
+                            retain: false,
+                        }));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "could not read the outbox"),
+            }
+            self.publishes.clear();
+            self.publish_status(true);
+            self.publish_terminals();
+        }
+        for p in self.publishes.drain(..) {
+            let _ = self.link.send(ToLink::Publish(p));
+        }
+    }
+
+    /// Let queued API calls leave, within the rate limit and one at a time per request.
+    fn launch(&mut self, now: i64) {
+        let mut held = VecDeque::new();
+        while let Some(call) = self.api_queue.pop_front() {
+            if !call.key.is_empty() && self.inflight.contains(&call.key) {
+                held.push_back(call);
+                continue;
+            }
+            if !self.bucket.take(now) {
+                held.push_back(call);
+                held.extend(self.api_queue.drain(..));
+                break;
+            }
+            if !call.key.is_empty() {
+                self.inflight.insert(call.key.clone());
+            }
+            let backend = self.backend.clone();
+            let tx = self.api_tx.clone();
+            tokio::spawn(async move {
+                let answer = match call.op {
+                    Op::Create(c) => ApiAnswer::Create(backend.create_charge(&c).await),
+                    Op::Poll(id) => ApiAnswer::Poll(backend.get_charge(&id).await),
+                    Op::Payment(id) => ApiAnswer::Payment(backend.get_payment(&id).await),
+                    Op::Search(r) => ApiAnswer::Search(backend.search_payments(&r).await),
+                    Op::Cancel {
+                        terminal,
+                        intent_id,
+                    } => ApiAnswer::Cancel(backend.cancel_charge(&terminal, &intent_id).await),
+                    Op::Devices => ApiAnswer::Devices(backend.list_devices().await),
+                };
+                let _ = tx.send(ApiResult {
+                    key: call.key,
+                    answer,
+                });
+            });
+        }
+        self.api_queue = held;
+    }
+
+    fn terminal_state(&self, terminal: &str) -> TerminalState {
+        let q = self.terminals.get(terminal);
+        let mode = match &self.devices {
+            Some(d) => d.get(terminal).cloned().unwrap_or_else(|| "UNKNOWN".into()),
+            None => "UNKNOWN".into(),
+        };
+        let current = q
+            .and_then(|q| q.holder.as_ref())
+            .and_then(|k| self.active.get(k))
+            .map(|r| r.key_string());
+        TerminalState {
+            v: 1,
+            terminal: terminal.to_string(),
+            mode,
+            busy: current.is_some(),
+            current,
+            waiting: q.map(|q| q.waiting.len() as u32).unwrap_or(0),
+        }
+    }
+
+    fn publish_terminals(&mut self) {
+        let mut names: BTreeSet<String> = self.terminals.keys().cloned().collect();
+        for s in self.s.stations.values() {
+            names.extend(s.terminals.iter().cloned());
+        }
+        for name in names {
+            let ts = self.terminal_state(&name);
+            let sig = (ts.busy, ts.current.clone(), ts.waiting, ts.mode.clone());
+            let q = self.terminals.entry(name.clone()).or_default();
+            if q.published.as_ref() == Some(&sig) {
+                continue;
+            }
+            q.published = Some(sig);
+            let payload = serde_json::to_vec(&ts).unwrap_or_default();
+            let _ = self.link.send(ToLink::Publish(LinkPublish {
+                outbox_id: None,
+                topic: self.s.topics.terminal_state(&name),
+                payload,
+                correlation: None,
+                retain: true,
+            }));
+        }
+    }
+
+    fn publish_status(&mut self, force: bool) {
+        let now = self.clock.now_ms();
+        let pending = self
+            .active
+            .values()
+            .filter(|r| matches!(r.progress, Progress::Charge(_)))
+            .count() as u64;
+        let oldest = self
+            .active
+            .values()
+            .map(|r| r.received_ms)
+            .min()
+            .map(|t| ((now - t).max(0) / 1000) as u64);
+        let (state, api) = match self.health {
+            ApiHealth::Ok => ("online", "ok"),
+            ApiHealth::Unreachable => ("degraded", "unreachable"),
+            ApiHealth::Unauthorized => ("degraded", "unauthorized"),
+        };
+        let status = AgentStatus {
+            v: 1,
+            state: state.into(),
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            store: Some(self.s.store_id.clone()),
+            backend: Some(self.s.backend.into()),
+            api: Some(api.into()),
+            pending: Some(pending),
+            oldest_pending_s: Some(oldest.unwrap_or(0)),
+            since: Some(self.since.clone()),
+        };
+        let changed = match &self.published_status {
+            None => true,
+            Some(p) => {
+                p.state != status.state || p.api != status.api || p.pending != status.pending
+            }
+        };
+        if !force && !changed {
+            return;
+        }
+        self.published_status = Some(status.clone());
+        let _ = self.link.send(ToLink::Publish(LinkPublish {
+            outbox_id: None,
+            topic: self.s.topics.status(),
+            payload: serde_json::to_vec(&status).unwrap_or_default(),
+            correlation: None,
+            retain: true,
+        }));
+    }
+}

@@ -80,7 +80,10 @@ pub enum Phase {
 impl Phase {
     /// True when the remote charge will not change any more.
     pub fn is_final(&self) -> bool {
-        matches!(self, Phase::Ended | Phase::Canceled | Phase::Error | Phase::Abandoned)
+        matches!(
+            self,
+            Phase::Ended | Phase::Canceled | Phase::Error | Phase::Abandoned
+        )
     }
 }
 
@@ -168,14 +171,26 @@ pub enum ApiError {
     /// The request never left: connection refused, DNS, TLS handshake refused.
     /// Safe to retry a create after this: nothing can have been committed.
     #[error("{method} {path}: could not connect: {message}")]
-    Connect { method: &'static str, path: String, message: String },
+    Connect {
+        method: &'static str,
+        path: String,
+        message: String,
+    },
     /// The request may have reached the API but no usable answer came back (timeout,
     /// reset after sending, truncated body). A create that fails this way is ambiguous.
     #[error("{method} {path}: no answer: {message}")]
-    NoAnswer { method: &'static str, path: String, message: String },
+    NoAnswer {
+        method: &'static str,
+        path: String,
+        message: String,
+    },
     /// A 2xx whose body we could not understand at all.
     #[error("{method} {path}: unreadable answer: {message}")]
-    Decode { method: &'static str, path: String, message: String },
+    Decode {
+        method: &'static str,
+        path: String,
+        message: String,
+    },
     /// We refused to send: the request breaks a rule we know (per-site fields, limits).
     #[error("not sent: {0}")]
     Invalid(String),
@@ -227,7 +242,12 @@ impl ApiError {
     /// A one-line message for a person (goes into `error.message` of `failed`).
     pub fn person_message(&self) -> String {
         match self {
-            ApiError::Status { status, body, raw_body, .. } => {
+            ApiError::Status {
+                status,
+                body,
+                raw_body,
+                ..
+            } => {
                 let what = body
                     .message
                     .clone()

@@ -59,7 +59,11 @@ pub struct OutcomeAmounts {
 
 impl Default for OutcomeAmounts {
     fn default() -> Self {
-        OutcomeAmounts { reversed: 1100, rejected: 1200, error: 1300 }
+        OutcomeAmounts {
+            reversed: 1100,
+            rejected: 1200,
+            error: 1300,
+        }
     }
 }
 

@@ -1,1 +1,398 @@
-//! The MQTT link task.
+//! The station link: the one task that owns the MQTT connection (rumqttc, MQTT 5).
+//!
+//! - Commands arrive on `P/station/+/cmd` with QoS 1 and **manual acks**: a command is
+//!   PUBACKed only after the engine answers that it is stored or refused, so a command
+//!   the agent did not store is redelivered by the broker (persistent session:
+//!   `clean_start = false` and a session expiry).
+//! - Events come from the engine's outbox. Each QoS 1 publish is tagged with its outbox
+//!   id; rumqttc reports the packet id it chose (`Outgoing::Publish(pkid)`) in the order
+//!   publishes were queued, so a FIFO of tags maps pkids to outbox ids, and a PUBACK
+//!   tells the engine to drop the event from the outbox. rumqttc's own retransmission is
+//!   disabled (its pending list is cleared on every connection loss): after every
+//!   reconnect the engine resends its whole outbox instead, which also covers restarts.
+//!   The FIFO, the connected flag and the pending list change only under one mutex, and
+//!   publishes use `try_publish` (never awaited under the lock), so the mapping cannot
+//!   skew and the polling task never blocks on its own request channel.
+//! - rumqttc has no reconnect backoff: this task adds exponential backoff with jitter.
+//! - A half-open connection is found by rumqttc's keep-alive (no PINGRESP by the next
+//!   ping: an error), so within two keep-alive periods.
+//! - The last will sets `agent/status` to offline (retained); a clean stop publishes the
+//!   same before disconnecting.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{CommandProps, EngineHandle, LinkPublish, ToEngine, ToLink};
+use crate::station::topics::Topics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("mqtt.url `{0}`: {1}")]
+    Url(String, String),
+    #[error("mqtt TLS: {0}")]
+    Tls(String),
+}
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub url: String,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub topics: Topics,
+}
+
+/// The retained payload of `agent/status` when the agent is gone.
+pub fn offline_status() -> Vec<u8> {
+    br#"{"v":1,"state":"offline"}"#.to_vec()
+}
+
+#[derive(Default)]
+struct Shared {
+    connected: bool,
+    /// Set on connect, cleared when the engine's `Resync` marker arrives: until then
+    /// events are dropped here, since the resync resends the whole outbox.
+    awaiting_resync: bool,
+    /// Outbox ids (or `None` for retained status) of publishes queued to rumqttc and not
+    /// yet given a packet id, in order.
+    fifo: VecDeque<Option<u64>>,
+    /// Packet id → outbox id, for publishes awaiting their PUBACK.
+    inflight: HashMap<u16, Option<u64>>,
+}
+
+fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
+    let url = reqwest::Url::parse(&cfg.url)
+        .map_err(|e| LinkError::Url(cfg.url.clone(), e.to_string()))?;
+    let tls = match url.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => {
+            return Err(LinkError::Url(
+                cfg.url.clone(),
+                format!("unknown scheme `{other}`"),
+            ))
+        }
+    };
+    let host = url
+        .host_str()
+        .ok_or_else(|| LinkError::Url(cfg.url.clone(), "no host".into()))?;
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
+    o.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(1)));
+    o.set_clean_start(false);
+    // Keep the session (and the commands queued in it) for a week of absence.
+    o.set_session_expiry_interval(Some(7 * 24 * 3600));
+    o.set_manual_acks(true);
+    o.set_max_packet_size(Some(256 * 1024));
+    o.set_last_will(LastWill::new(
+        cfg.topics.status(),
+        offline_status(),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    if let Some(u) = &cfg.username {
+        o.set_credentials(u.clone(), cfg.password.clone().unwrap_or_default());
+    }
+    if tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(cfg)?)),
+        ));
+    }
+    Ok(o)
+}
+
+fn read_pem_certs(
+    path: &PathBuf,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, LinkError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Result<Vec<_>, _> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?
+        .collect();
+    certs.map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))
+}
+
+fn tls_config(cfg: &LinkConfig) -> Result<rustls::ClientConfig, LinkError> {
+    use rustls_pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(ca) => {
+            for c in read_pem_certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| LinkError::Tls(format!("{}: {e}", ca.display())))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match (&cfg.cert_file, &cfg.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = read_pem_certs(cert)?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| LinkError::Tls(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| LinkError::Tls(e.to_string()))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Run the link until `shutdown`; then publish `offline` and disconnect.
+pub async fn run(
+    cfg: LinkConfig,
+    engine: EngineHandle,
+    from_engine: mpsc::UnboundedReceiver<ToLink>,
+    shutdown: CancellationToken,
+) -> Result<(), LinkError> {
+    let opts = options(&cfg)?;
+    let (client, eventloop) = AsyncClient::new(opts, 4096);
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let publisher = tokio::spawn(publisher(
+        client.clone(),
+        shared.clone(),
+        from_engine,
+        shutdown.clone(),
+    ));
+    poll_loop(cfg, client, eventloop, shared, engine, shutdown).await;
+    let _ = publisher.await;
+    Ok(())
+}
+
+/// Lock the shared state. A poisoned lock means a panic elsewhere, which aborts the
+/// process (panic = abort), so the inner value is always consistent.
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn publisher(
+    client: AsyncClient,
+    shared: Arc<Mutex<Shared>>,
+    mut rx: mpsc::UnboundedReceiver<ToLink>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = rx.recv() => m,
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(msg) = msg else { return };
+        match msg {
+            ToLink::Resync => {
+                let mut s = lock(&shared);
+                if s.connected {
+                    s.awaiting_resync = false;
+                }
+            }
+            ToLink::Publish(p) => {
+                let mut p = Some(p);
+                while let Some(item) = p.take() {
+                    match try_send(&client, &shared, item) {
+                        Ok(()) => {}
+                        Err(back) => {
+                            // rumqttc's request queue is full: let it drain.
+                            p = Some(back);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            if shutdown.is_cancelled() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Queue one publish to rumqttc, tagging it in the FIFO, atomically with respect to
+/// connection changes. Returns the item when rumqttc's queue is full.
+fn try_send(
+    client: &AsyncClient,
+    shared: &Mutex<Shared>,
+    p: LinkPublish,
+) -> Result<(), LinkPublish> {
+    let mut s = lock(shared);
+    if !s.connected || s.awaiting_resync {
+        // Dropped: the outbox keeps events; status is republished after the resync.
+        return Ok(());
+    }
+    let props = p.correlation.as_ref().map(|c| PublishProperties {
+        correlation_data: Some(c.clone().into()),
+        ..Default::default()
+    });
+    let res = match props {
+        Some(props) => client.try_publish_with_properties(
+            p.topic.clone(),
+            QoS::AtLeastOnce,
+            p.retain,
+            p.payload.clone(),
+            props,
+        ),
+        None => client.try_publish(
+            p.topic.clone(),
+            QoS::AtLeastOnce,
+            p.retain,
+            p.payload.clone(),
+        ),
+    };
+    match res {
+        Ok(()) => {
+            s.fifo.push_back(p.outbox_id);
+            Ok(())
+        }
+        Err(rumqttc::v5::ClientError::TryRequest(_)) => Err(p),
+        Err(e) => {
+            tracing::warn!(error = %e, "publish not queued");
+            Ok(())
+        }
+    }
+}
+
+async fn poll_loop(
+    cfg: LinkConfig,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    shared: Arc<Mutex<Shared>>,
+    engine: EngineHandle,
+    shutdown: CancellationToken,
+) {
+    let mut attempts: u32 = 0;
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = shutdown.cancelled() => break,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                attempts = 0;
+                let session_present = ack.session_present;
+                {
+                    let mut s = lock(&shared);
+                    s.connected = true;
+                    s.awaiting_resync = true;
+                    s.fifo.clear();
+                    s.inflight.clear();
+                }
+                tracing::info!(url = %cfg.url, session_present, "connected to the broker");
+                if let Err(e) = client.try_subscribe(cfg.topics.command_filter(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(error = %e, "could not subscribe to commands");
+                }
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    engine.send(ToEngine::Connected { session_present }).await;
+                });
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).to_string();
+                let Some(station) = cfg.topics.station_of_command(&topic) else {
+                    let _ = client.try_ack(&p);
+                    continue;
+                };
+                let props = p.properties.as_ref();
+                let props = CommandProps {
+                    response_topic: props.and_then(|x| x.response_topic.clone()),
+                    correlation: props
+                        .and_then(|x| x.correlation_data.as_ref().map(|c| c.to_vec())),
+                    message_expiry_s: props.and_then(|x| x.message_expiry_interval),
+                };
+                let engine = engine.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let (done, stored) = oneshot::channel();
+                    let payload = p.payload.to_vec();
+                    if !engine
+                        .send(ToEngine::Command {
+                            station,
+                            payload,
+                            props,
+                            done,
+                        })
+                        .await
+                    {
+                        return;
+                    }
+                    // Acknowledge only once stored or refused; if the engine could not
+                    // store it, no PUBACK: the broker redelivers it.
+                    if stored.await.is_ok() {
+                        if let Err(e) = client.ack(&p).await {
+                            tracing::warn!(error = %e, "could not acknowledge a command");
+                        }
+                    }
+                });
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut s = lock(&shared);
+                if let Some(tag) = s.fifo.pop_front() {
+                    s.inflight.insert(pkid, tag);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let tag = lock(&shared).inflight.remove(&ack.pkid);
+                if let Some(Some(outbox_id)) = tag {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        engine.send(ToEngine::Published { outbox_id }).await;
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                {
+                    let mut s = lock(&shared);
+                    s.connected = false;
+                    s.awaiting_resync = false;
+                    s.fifo.clear();
+                    s.inflight.clear();
+                    // Our outbox, not rumqttc, republishes after reconnect; commands
+                    // are redelivered by the broker.
+                    eventloop.clean();
+                    eventloop.pending.clear();
+                }
+                attempts = attempts.saturating_add(1);
+                let cap_ms = 10_000u64;
+                let exp = 100u64.saturating_mul(1u64 << attempts.min(10)).min(cap_ms);
+                let delay = exp / 2 + fastrand::u64(0..=exp / 2);
+                tracing::warn!(error = %e, retry_in_ms = delay, "broker connection lost");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    // Clean stop: say offline (retained), then disconnect.
+    let connected = lock(&shared).connected;
+    if connected {
+        let _ = client.try_publish(
+            cfg.topics.status(),
+            QoS::AtLeastOnce,
+            true,
+            offline_status(),
+        );
+        let _ = client.try_disconnect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}

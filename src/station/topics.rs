@@ -8,7 +8,9 @@ pub struct Topics {
 
 impl Topics {
     pub fn new(prefix: impl Into<String>) -> Topics {
-        Topics { prefix: prefix.into() }
+        Topics {
+            prefix: prefix.into(),
+        }
     }
 
     /// `P/station/+/cmd`: what the agent subscribes to.
@@ -30,7 +32,9 @@ impl Topics {
 
     /// The station of a command topic `P/station/<station>/cmd`, or `None`.
     pub fn station_of_command(&self, topic: &str) -> Option<String> {
-        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/station/")?;
+        let rest = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/station/")?;
         let station = rest.strip_suffix("/cmd")?;
         if station.is_empty() || station.contains('/') {
             return None;
@@ -55,7 +59,11 @@ mod tests {
     #[test]
     fn station_is_parsed_from_a_command_topic() {
         let t = Topics::new("pointgate/s1");
-        assert_eq!(t.station_of_command("pointgate/s1/station/k-1/cmd").as_deref(), Some("k-1"));
+        assert_eq!(
+            t.station_of_command("pointgate/s1/station/k-1/cmd")
+                .as_deref(),
+            Some("k-1")
+        );
         assert_eq!(t.station_of_command("pointgate/s1/station/k-1/evt"), None);
         assert_eq!(t.station_of_command("pointgate/s2/station/k-1/cmd"), None);
         assert_eq!(t.station_of_command("pointgate/s1/station//cmd"), None);

@@ -168,7 +168,13 @@ pub struct Event {
 
 impl Event {
     /// A bare event with only the always-present fields set.
-    pub fn new(request_id: Option<String>, kind: Option<CommandType>, state: State, seq: u32, at: String) -> Event {
+    pub fn new(
+        request_id: Option<String>,
+        kind: Option<CommandType>,
+        state: State,
+        seq: u32,
+        at: String,
+    ) -> Event {
         Event {
             v: 1,
             request_id,

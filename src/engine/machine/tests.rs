@@ -1,0 +1,359 @@
+//! Transition tests of the charge state machine, one behaviour per test.
+
+use super::*;
+use crate::point::{Payment, Phase, RemoteCharge};
+
+const TIMING: Timing = Timing {
+    poll_interval_ms: 2_000,
+    terminal_timeout_ms: 300_000,
+    confirm_window_ms: 60_000,
+    confirm_window_max_ms: 86_400_000,
+};
+
+fn ctx(now_ms: i64) -> Ctx {
+    Ctx {
+        now_ms,
+        jitter: 0.5,
+        timing: TIMING,
+    }
+}
+
+fn remote(phase: Phase, payment_id: Option<&str>) -> RemoteCharge {
+    RemoteCharge {
+        id: "intent-1".into(),
+        phase,
+        raw_state: String::new(),
+        terminal: Some("T1".into()),
+        amount: Some(Cents(1500)),
+        external_reference: Some("ref".into()),
+        payment_id: payment_id.map(str::to_string),
+    }
+}
+
+fn payment(status: &str, amount: u64) -> Payment {
+    Payment {
+        id: "99".into(),
+        status: status.into(),
+        status_detail: None,
+        amount: Some(Cents(amount)),
+        refunded: None,
+        external_reference: None,
+    }
+}
+
+fn emitted(fx: &[Effect]) -> Vec<State> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Emit(em) => Some(em.state),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A charge that is live (intent OPEN) at t=1000.
+fn live() -> Charge {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    assert_eq!(c.step(Input::MayStart, &ctx(1_000)), vec![Effect::Create]);
+    let fx = c.step(
+        Input::CreateDone(Ok(remote(Phase::Open, None))),
+        &ctx(1_100),
+    );
+    assert_eq!(emitted(&fx), vec![State::Sent]);
+    c
+}
+
+#[test]
+fn a_queued_charge_is_created_once_when_its_terminal_is_free() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    let fx = c.step(Input::MayStart, &ctx(1_000));
+    assert_eq!(fx, vec![Effect::Create]);
+    assert!(matches!(c.stage, Stage::SendBegun { at_ms: 1_000 }));
+    // Another MayStart while the send is out creates nothing more.
+    assert!(c.step(Input::MayStart, &ctx(1_001)).is_empty());
+}
+
+#[test]
+fn a_charge_past_its_deadline_is_expired_and_never_sent() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    let fx = c.step(Input::MayStart, &ctx(120_000));
+    assert_eq!(emitted(&fx), vec![State::Expired]);
+    assert!(!fx.contains(&Effect::Create));
+    assert!(c.is_final());
+}
+
+#[test]
+fn a_charge_behind_a_busy_terminal_is_told_waiting_once() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    let fx = c.step(Input::TerminalBusy, &ctx(1_000));
+    assert_eq!(emitted(&fx), vec![State::Waiting]);
+    assert!(c.step(Input::TerminalBusy, &ctx(2_000)).is_empty());
+}
+
+#[test]
+fn an_ambiguous_create_goes_to_needs_attention_and_is_never_resent() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    let fx = c.step(Input::CreateDone(Err(Failure::Ambiguous)), &ctx(2_000));
+    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+    // Even past the deadline it is not expired, and nothing creates again.
+    for t in [3_000, 130_000, 200_000] {
+        let fx = c.step(Input::Wake, &ctx(t));
+        assert!(!fx.contains(&Effect::Create));
+        assert!(!emitted(&fx).contains(&State::Expired));
+        assert!(!c.step(Input::MayStart, &ctx(t)).contains(&Effect::Create));
+    }
+}
+
+#[test]
+fn a_crash_after_the_write_ahead_leads_to_needs_attention_not_a_second_create() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    let fx = c.step(Input::Restarted, &ctx(5_000));
+    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+    assert!(!fx.contains(&Effect::Create));
+}
+
+#[test]
+fn a_connect_failure_requeues_with_backoff_and_reports_api_unreachable() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    let fx = c.step(
+        Input::CreateDone(Err(Failure::Unreachable {
+            retry_after_ms: None,
+            rate_limited: false,
+        })),
+        &ctx(1_500),
+    );
+    assert!(fx.contains(&Effect::ReleaseTerminal));
+    assert_eq!(emitted(&fx), vec![State::Waiting]);
+    assert!(matches!(
+        c.stage,
+        Stage::Queued {
+            reason: Some(WaitReason::ApiUnreachable)
+        }
+    ));
+    // Not before the backoff.
+    assert!(c.step(Input::MayStart, &ctx(1_501)).is_empty());
+    let at = c.next_at_ms.expect("a retry is scheduled");
+    assert_eq!(c.step(Input::MayStart, &ctx(at)), vec![Effect::Create]);
+}
+
+#[test]
+fn retry_after_is_honoured_on_a_429() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    c.step(
+        Input::CreateDone(Err(Failure::Unreachable {
+            retry_after_ms: Some(7_000),
+            rate_limited: true,
+        })),
+        &ctx(1_000),
+    );
+    assert!(c.next_at_ms.expect("scheduled") >= 8_000);
+    assert!(matches!(
+        c.stage,
+        Stage::Queued {
+            reason: Some(WaitReason::RateLimited)
+        }
+    ));
+}
+
+#[test]
+fn finished_is_not_approved_until_the_payment_is_confirmed() {
+    let mut c = live();
+    let fx = c.step(
+        Input::PollDone(Ok(remote(Phase::Ended, Some("99")))),
+        &ctx(3_000),
+    );
+    assert!(emitted(&fx).is_empty());
+    assert_eq!(
+        fx,
+        vec![Effect::LookupPayment {
+            payment_id: "99".into()
+        }]
+    );
+    let fx = c.step(
+        Input::PaymentDone(Ok(payment("approved", 1500))),
+        &ctx(3_100),
+    );
+    assert_eq!(emitted(&fx), vec![State::Approved]);
+    assert!(fx.contains(&Effect::ReleaseTerminal));
+}
+
+#[test]
+fn an_approved_payment_of_another_amount_is_not_approved() {
+    let mut c = live();
+    c.step(
+        Input::PollDone(Ok(remote(Phase::Ended, Some("99")))),
+        &ctx(3_000),
+    );
+    let fx = c.step(
+        Input::PaymentDone(Ok(payment("approved", 1400))),
+        &ctx(3_100),
+    );
+    assert!(!emitted(&fx).contains(&State::Approved));
+    // After the confirm window it needs attention.
+    let fx = c.step(Input::Wake, &ctx(3_000 + TIMING.confirm_window_ms));
+    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+}
+
+#[test]
+fn rejected_and_reversed_payments_are_declined() {
+    for status in ["rejected", "cancelled", "refunded", "charged_back"] {
+        let mut c = live();
+        c.step(
+            Input::PollDone(Ok(remote(Phase::Ended, Some("99")))),
+            &ctx(3_000),
+        );
+        let fx = c.step(Input::PaymentDone(Ok(payment(status, 1500))), &ctx(3_100));
+        assert_eq!(emitted(&fx), vec![State::Declined], "{status}");
+    }
+}
+
+#[test]
+fn an_undecided_payment_needs_attention_after_the_confirm_window() {
+    let mut c = live();
+    c.step(
+        Input::PollDone(Ok(remote(Phase::Ended, Some("99")))),
+        &ctx(3_000),
+    );
+    let fx = c.step(
+        Input::PaymentDone(Ok(payment("in_process", 1500))),
+        &ctx(3_100),
+    );
+    assert!(emitted(&fx).is_empty());
+    let fx = c.step(
+        Input::PaymentDone(Ok(payment("in_process", 1500))),
+        &ctx(3_000 + TIMING.confirm_window_ms),
+    );
+    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+    // A later lookup that finds it approved resolves it.
+    let fx = c.step(
+        Input::PaymentDone(Ok(payment("approved", 1500))),
+        &ctx(200_000),
+    );
+    assert_eq!(emitted(&fx), vec![State::Approved]);
+}
+
+#[test]
+fn terminal_states_map_as_the_contract_says() {
+    for (phase, state) in [
+        (Phase::Canceled, State::Canceled),
+        (Phase::Error, State::Failed),
+        (Phase::Abandoned, State::Expired),
+    ] {
+        let mut c = live();
+        let fx = c.step(
+            Input::PollDone(Ok(remote(phase.clone(), None))),
+            &ctx(3_000),
+        );
+        assert_eq!(emitted(&fx), vec![state], "{phase:?}");
+    }
+    let mut c = live();
+    assert_eq!(
+        emitted(&c.step(
+            Input::PollDone(Ok(remote(Phase::OnTerminal, None))),
+            &ctx(3_000)
+        )),
+        vec![State::OnTerminal]
+    );
+    assert_eq!(
+        emitted(&c.step(
+            Input::PollDone(Ok(remote(Phase::Processing, None))),
+            &ctx(4_000)
+        )),
+        vec![State::Processing]
+    );
+    assert!(emitted(&c.step(
+        Input::PollDone(Ok(remote(Phase::Processing, None))),
+        &ctx(5_000)
+    ))
+    .is_empty());
+}
+
+#[test]
+fn an_intent_still_open_after_the_terminal_timeout_is_canceled_and_expired() {
+    let mut c = live();
+    let fx = c.step(
+        Input::PollDone(Ok(remote(Phase::Open, None))),
+        &ctx(1_100 + TIMING.terminal_timeout_ms),
+    );
+    assert_eq!(
+        fx,
+        vec![Effect::CancelRemote {
+            intent_id: "intent-1".into()
+        }]
+    );
+    let fx = c.step(Input::CancelDone(Ok(())), &ctx(400_000));
+    assert_eq!(emitted(&fx), vec![State::Expired]);
+}
+
+#[test]
+fn a_station_cancel_of_an_open_intent_cancels_it_through_the_api() {
+    let mut c = live();
+    let fx = c.step(Input::CancelRequested, &ctx(2_000));
+    assert_eq!(
+        fx,
+        vec![Effect::CancelRemote {
+            intent_id: "intent-1".into()
+        }]
+    );
+    let fx = c.step(Input::CancelDone(Ok(())), &ctx(2_100));
+    assert_eq!(emitted(&fx), vec![State::Canceled]);
+    assert!(fx.contains(&Effect::CancelAnswer(Ok(()))));
+}
+
+#[test]
+fn a_cancel_that_loses_the_race_to_the_terminal_is_not_cancelable() {
+    let mut c = live();
+    c.step(Input::CancelRequested, &ctx(2_000));
+    let fx = c.step(Input::CancelDone(Err(Failure::Conflict)), &ctx(2_100));
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::CancelAnswer(Err((ErrorCode::NotCancelable, _))))));
+    assert!(!c.is_final());
+}
+
+#[test]
+fn a_cancel_of_a_queued_charge_is_local() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    let fx = c.step(Input::CancelRequested, &ctx(1_000));
+    assert_eq!(emitted(&fx), vec![State::Canceled]);
+    assert!(fx.contains(&Effect::CancelAnswer(Ok(()))));
+}
+
+#[test]
+fn an_operator_resolves_needs_attention() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    c.step(Input::CreateDone(Err(Failure::Ambiguous)), &ctx(2_000));
+    let fx = c.step(Input::Resolve { approved: true }, &ctx(3_000));
+    assert_eq!(emitted(&fx), vec![State::Approved]);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Emit(Emit {
+            resolved_by: Some(ResolvedBy::Operator),
+            ..
+        })
+    )));
+}
+
+#[test]
+fn an_api_refusal_fails_the_charge_with_api_refused() {
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    let fx = c.step(
+        Input::CreateDone(Err(Failure::Refused {
+            message: "bad".into(),
+        })),
+        &ctx(1_100),
+    );
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Emit(Emit {
+            state: State::Failed,
+            error: Some((ErrorCode::ApiRefused, _)),
+            ..
+        })
+    )));
+}
