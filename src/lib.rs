@@ -1,13 +1,164 @@
 //! pointgate: the in-store agent between MQTT checkout stations and Mercado Pago Point
-//! terminals. See `docs/architecture.md` for which module owns what.
+//! terminals.
+//!
+//! ```text
+//!  stations ──MQTT──▶ station::link ──▶ engine (one task) ──▶ point::PointBackend ──HTTPS──▶ Mercado Pago
+//!       ▲                   │              │   ▲                  (integrations)
+//!       └──── events ◀──────┘◀── outbox ───┘   └─ engine::machine (pure state machine)
+//!                                          │
+//!                                        store (sled: requests, refs, outbox)
+//! ```
+//!
+//! - `config`: the one config tree, loaded and validated once.
+//! - `money`: amounts in cents, per-site limits, the contract's decimal strings.
+//! - `station`: MQTT wire types, command validation, topics, the link task.
+//! - `engine`: the charge state machine (pure) and the driver that performs its effects.
+//! - `store`: the only code that touches sled; versioned records, real fsync.
+//! - `point`: the Point API behind one trait; the Integrations backend.
+//! - `sim`: the Point API simulator; `broker`: the embedded broker of `demo`.
+//!
+//! `docs/architecture.md` says which file owns what.
 
 #![forbid(unsafe_code)]
 
 pub mod broker;
 pub mod config;
+pub mod demo;
 pub mod engine;
+pub mod logging;
 pub mod money;
 pub mod point;
 pub mod sim;
 pub mod station;
 pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use config::{BackendKind, Config};
+use engine::machine::Timing;
+use engine::{Engine, Settings, SystemClock};
+use station::link::LinkConfig;
+use station::topics::Topics;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A configuration problem found at start (exit 78).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Link(#[from] station::link::LinkError),
+}
+
+/// How long a stop may take to make state durable and say `offline`; below the unit's
+/// `TimeoutStopSec`.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+/// The engine's settings from the config.
+pub fn engine_settings(config: &Config) -> Settings {
+    Settings {
+        site: config.store.site,
+        store_id: config.store.id.clone(),
+        topics: Topics::new(config.topic_prefix()),
+        stations: config.stations.clone(),
+        charge_ttl_ms: ms(config.queue.charge_ttl),
+        refund_ttl_ms: ms(config.queue.refund_ttl),
+        max_pending: config.queue.max_pending as usize,
+        timing: Timing {
+            poll_interval_ms: ms(config.point.poll_interval),
+            terminal_timeout_ms: ms(config.point.terminal_timeout),
+            confirm_window_ms: ms(config.point.confirm_window),
+            confirm_window_max_ms: ms(config.point.confirm_window_max),
+        },
+        max_requests_per_second: config.point.max_requests_per_second,
+        devices_refresh: config.point.devices_refresh,
+        backend: match config.point.backend {
+            BackendKind::Integrations => "integrations",
+            BackendKind::Orders => "orders",
+        },
+    }
+}
+
+/// The station link's settings from the config.
+pub fn link_config(config: &Config) -> Result<LinkConfig, RunError> {
+    let opt = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+    let password = match opt(&config.mqtt.password_file) {
+        Some(p) => Some(
+            std::fs::read_to_string(&p)
+                .map_err(|e| RunError::Config(format!("mqtt.password_file: {}: {e}", p.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(LinkConfig {
+        url: config.mqtt.url.clone(),
+        client_id: config.client_id(),
+        username: (!config.mqtt.username.is_empty()).then(|| config.mqtt.username.clone()),
+        password,
+        keep_alive: config.mqtt.keep_alive,
+        ca_file: opt(&config.mqtt.ca_file),
+        cert_file: opt(&config.mqtt.cert_file),
+        key_file: opt(&config.mqtt.key_file),
+        topics: Topics::new(config.topic_prefix()),
+    })
+}
+
+/// Run the agent until `shutdown` is cancelled: open the store, resume every open
+/// request, connect to the broker and the API. Returns once state is durable and the
+/// broker was told `offline` (or the drain timeout passed).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if config.point.backend == BackendKind::Orders {
+        return Err(RunError::Config("point.backend: the orders backend is not available in this version".into()));
+    }
+    let http = point::http::HttpClient::new(&point::http::HttpConfig::from_point(&config.point))
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let backend = Arc::new(point::integrations::IntegrationsClient::new(http, config.store.site));
+    let store = store::Store::open(&config.queue.dir)?;
+    let link_cfg = link_config(&config)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        backend = "integrations",
+        broker = %config.mqtt.url,
+        store = %config.queue.dir.display(),
+        "pointgate starting"
+    );
+
+    let (handle, rx) = engine::channel();
+    let (link_tx, link_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut engine = Engine::new(engine_settings(&config), store, backend, Arc::new(SystemClock), link_tx);
+    let resumed = engine.recover()?;
+    tracing::info!(resumed, "store open; open requests resumed");
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let engine_stop = CancellationToken::new();
+    let engine_task = tasks.spawn(engine.run(rx, engine_stop.clone()));
+    let link_task = tasks.spawn(station::link::run(link_cfg, handle, link_rx, shutdown.clone()));
+    tasks.close();
+
+    shutdown.cancelled().await;
+    // The link says offline and disconnects; then the engine makes its state durable.
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let link = link_task.await;
+        engine_stop.cancel();
+        let _ = engine_task.await;
+        link
+    })
+    .await;
+    match drained {
+        Ok(Ok(res)) => res?,
+        Ok(Err(e)) => tracing::error!(error = %e, "link task failed"),
+        Err(_) => tracing::warn!("drain timeout: stopping anyway"),
+    }
+    Ok(())
+}
