@@ -248,18 +248,19 @@ impl Config {
     }
 
     fn assemble(file: Option<Table>, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-        let mut tree = parse_table(DEFAULTS_TOML, "the built-in defaults")?;
+        let mut defaults = parse_table(DEFAULTS_TOML, "the built-in defaults")?;
         // The defaults' stations are a sample for the reader of the shipped file.
-        tree.remove("stations");
+        defaults.remove("stations");
 
+        let mut tree = defaults.clone();
         let must_name_store = file.is_some();
         let mut store_named = false;
         if let Some(file) = file {
-            check_known_keys(&file, &tree)?;
+            check_known_keys(&file, &defaults)?;
             store_named = file.get("store").and_then(|s| s.get("id")).is_some();
             merge(&mut tree, file);
         }
-        let set_by_env = apply_env(&mut tree, env)?;
+        let set_by_env = apply_env(&mut tree, &defaults, env)?;
         if must_name_store && !store_named && !set_by_env.contains_key("store.id") {
             return Err(invalid(
                 "store.id",
@@ -320,10 +321,12 @@ fn merge(base: &mut Table, over: Table) {
     }
 }
 
-/// Applies the `POINTGATE_<SECTION>_<KEY>` variables; returns which variable set which
-/// key (`point.poll_interval` → `POINTGATE_POINT_POLL_INTERVAL`).
+/// Applies the `POINTGATE_<SECTION>_<KEY>` variables to `tree`, each typed like its key
+/// in `defaults`; returns which variable set which key (`point.poll_interval` →
+/// `POINTGATE_POINT_POLL_INTERVAL`).
 fn apply_env(
     tree: &mut Table,
+    defaults: &Table,
     env: &HashMap<String, String>,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     // Sorted, so that the error reported first does not depend on hashing.
@@ -346,22 +349,26 @@ fn apply_env(
         } else {
             format!("{section}.{key}")
         };
-        let slot = tree
-            .get_mut(section)
-            .and_then(Value::as_table_mut)
-            .and_then(|t| t.get_mut(key))
+        let default = defaults
+            .get(section)
+            .and_then(|t| t.get(key))
             .filter(|_| !key.is_empty());
-        let Some(slot) = slot else {
+        let Some(default) = default else {
             return Err(ConfigError::Env {
                 var: var.clone(),
                 message: format!("names no configuration key (`{dotted}`)"),
             });
         };
-        *slot = typed_like(slot, raw).map_err(|message| ConfigError::Invalid {
+        let value = typed_like(default, raw).map_err(|message| ConfigError::Invalid {
             key: dotted.clone(),
             message,
             env: Some(var.clone()),
         })?;
+        // When the file made the section something other than a table, deserialisation
+        // reports that; there is nothing to set.
+        if let Some(section) = tree.get_mut(section).and_then(Value::as_table_mut) {
+            section.insert(key.to_string(), value);
+        }
         set_by_env.insert(dotted, var.clone());
     }
     Ok(set_by_env)
@@ -804,9 +811,6 @@ fn not_zero(key: &str, value: Duration) -> Result<(), ConfigError> {
 }
 
 fn human(d: Duration) -> String {
-    if d.is_zero() {
-        return "0s".to_string();
-    }
     humantime::format_duration(d).to_string()
 }
 
@@ -1013,6 +1017,13 @@ mod tests {
         assert_eq!(c.point.poll_interval, ms(500));
         assert_eq!(c.queue.max_pending, 5);
         assert_eq!(c.client_id(), "edge-7");
+    }
+
+    #[test]
+    fn an_environment_value_is_typed_by_the_default_not_by_the_file() {
+        let text = with("point", "poll_interval = 2");
+        let c = load(&text, &[("POINTGATE_POINT_POLL_INTERVAL", "500ms")]).expect("env wins");
+        assert_eq!(c.point.poll_interval, ms(500));
     }
 
     #[test]

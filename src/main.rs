@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 const EX_USAGE: u8 = 64;
 const EX_CONFIG: u8 = 78;
+const DEFAULT_CONFIG: &str = "/etc/pointgate/pointgate.toml";
 
 /// How long tasks left over after `run` returns may take before the process exits.
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
@@ -49,14 +50,23 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ConfigArgs {
-    /// The configuration file.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "POINTGATE_CONFIG",
-        default_value = "/etc/pointgate/pointgate.toml"
-    )]
-    config: PathBuf,
+    /// The configuration file [default: $POINTGATE_CONFIG, else /etc/pointgate/pointgate.toml]
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// `--config`, else a non-empty `POINTGATE_CONFIG`, else the packaged path.
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .or_else(|| {
+                std::env::var_os("POINTGATE_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -134,8 +144,8 @@ fn main() -> ExitCode {
         }
     };
     let outcome = match cli.command {
-        Command::Run(args) => run(&args.config),
-        Command::CheckConfig(args) => check_config(&args.config),
+        Command::Run(args) => run(&args.path()),
+        Command::CheckConfig(args) => check_config(&args.path()),
         Command::Sim(args) => sim(args),
         Command::Demo => demo(),
     };
