@@ -45,6 +45,7 @@ use station::topics::Topics;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     /// A configuration problem found at start (exit 78).
     #[error("{0}")]
