@@ -13,6 +13,7 @@
 
 pub mod http;
 pub mod integrations;
+pub mod lenient;
 
 use std::future::Future;
 use std::time::Duration;
