@@ -175,7 +175,7 @@ pub async fn run() -> Result<(), DemoError> {
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(crate::run(config, shutdown.clone()));
 
-    let (client, mut events) = stations_client(broker.port(), &prefix).await?;
+    let (client, mut events) = stations_client(broker.addr().port(), &prefix).await?;
     // Stations wait for the agent to say online before their first command.
     wait_for(&mut events, Duration::from_secs(15), |s, v| s == "agent" && v["state"] == "online")
         .await
@@ -233,6 +233,8 @@ pub async fn run() -> Result<(), DemoError> {
     if waited.is_none() {
         return Err(DemoError::Failed("the charge was not reported waiting during the outage".into()));
     }
+    // Keep the API down a little longer, as a real outage would be.
+    let _ = wait_for_recording(&mut events, &mut seen, Duration::from_secs(3), |_, _| false).await;
     sim.set_fault(Fault::None);
     let outage = outage_start.elapsed();
     println!("  simulator  API back after {:.1} s", outage.as_secs_f64());

@@ -262,7 +262,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 fn demo() -> Result<(), Failure> {
-    pointgate::logging::init("warn,pointgate::demo=info");
+    pointgate::logging::init("error,rumqttd=off");
     runtime()?.block_on(pointgate::demo::run()).map_err(|e| anyhow::anyhow!(e).into())
 }
 

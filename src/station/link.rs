@@ -264,6 +264,22 @@ fn try_send(
     }
 }
 
+/// Acknowledge commands in the order they arrived, each once the engine has stored or
+/// refused it. A command the engine could not store is not acknowledged: the broker
+/// redelivers it. (MQTT expects PUBACKs in order; some brokers drop a client otherwise.)
+async fn acker(
+    client: AsyncClient,
+    mut rx: mpsc::UnboundedReceiver<(rumqttc::v5::mqttbytes::v5::Publish, oneshot::Receiver<()>)>,
+) {
+    while let Some((publish, stored)) = rx.recv().await {
+        if stored.await.is_ok() {
+            if let Err(e) = client.ack(&publish).await {
+                tracing::warn!(error = %e, "could not acknowledge a command");
+            }
+        }
+    }
+}
+
 async fn poll_loop(
     cfg: LinkConfig,
     client: AsyncClient,
@@ -273,6 +289,8 @@ async fn poll_loop(
     shutdown: CancellationToken,
 ) {
     let mut attempts: u32 = 0;
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    tokio::spawn(acker(client.clone(), ack_rx));
     loop {
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
@@ -312,30 +330,15 @@ async fn poll_loop(
                         .and_then(|x| x.correlation_data.as_ref().map(|c| c.to_vec())),
                     message_expiry_s: props.and_then(|x| x.message_expiry_interval),
                 };
-                let engine = engine.clone();
-                let client = client.clone();
-                tokio::spawn(async move {
-                    let (done, stored) = oneshot::channel();
-                    let payload = p.payload.to_vec();
-                    if !engine
-                        .send(ToEngine::Command {
-                            station,
-                            payload,
-                            props,
-                            done,
-                        })
-                        .await
-                    {
-                        return;
-                    }
-                    // Acknowledge only once stored or refused; if the engine could not
-                    // store it, no PUBACK: the broker redelivers it.
-                    if stored.await.is_ok() {
-                        if let Err(e) = client.ack(&p).await {
-                            tracing::warn!(error = %e, "could not acknowledge a command");
-                        }
-                    }
-                });
+                let (done, stored) = oneshot::channel();
+                let payload = p.payload.to_vec();
+                // Handed to the engine in arrival order; acknowledged in the same order.
+                if acks.send((p, stored)).is_err() {
+                    break;
+                }
+                if !engine.send(ToEngine::Command { station, payload, props, done }).await {
+                    break;
+                }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 let mut s = lock(&shared);
