@@ -1,0 +1,283 @@
+//! End to end, with real parts: Mosquitto started by the harness on a free port, the
+//! Point simulator over TLS, the agent in-process, MQTT 5 stations and the real
+//! `mosquitto_pub`/`mosquitto_sub` clients. One charge outcome per test.
+
+mod common;
+
+use std::time::Duration;
+
+use common::agent::{charge, AgentOpts, TestAgent};
+use common::{mosquitto_pub, Mosquitto, MosquittoSub, MqttStation};
+use pointgate::sim::TerminalMode;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct World {
+    _broker: Mosquitto,
+    agent: TestAgent,
+    station: MqttStation,
+}
+
+/// Broker, simulator, agent, and station `kiosk-1` subscribed to its events, with the
+/// agent online (stations wait for it before their first command).
+async fn world(opts: AgentOpts) -> World {
+    let broker = Mosquitto::start_default();
+    let agent = TestAgent::start(&broker.url(), opts).await;
+    let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
+    station.subscribe(&format!("{}/station/+/evt", agent.prefix())).await;
+    station.subscribe(&agent.status_topic()).await;
+    let status = agent.status_topic();
+    station.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT).await;
+    World { _broker: broker, agent, station }
+}
+
+impl World {
+    async fn send(&mut self, station: &str, payload: Vec<u8>) {
+        let topic = self.agent.cmd_topic(station);
+        self.station.publish(&topic, payload).await;
+    }
+
+    /// Events of `request_id` on `station`'s topic until the final one; returns them all.
+    async fn story(&mut self, station: &str, request_id: &str) -> Vec<Value> {
+        let topic = self.agent.evt_topic(station);
+        let mut events = Vec::new();
+        loop {
+            let m = self
+                .station
+                .wait_for(|m| m.topic == topic && m.json()["request_id"] == request_id, WAIT)
+                .await;
+            let v = m.json();
+            let done = v["final"] == true;
+            events.push(v);
+            if done {
+                return events;
+            }
+        }
+    }
+
+    async fn refusal(&mut self, station: &str, payload: Vec<u8>) -> Value {
+        self.send(station, payload).await;
+        let topic = self.agent.evt_topic(station);
+        self.station.wait_for(|m| m.topic == topic && m.json()["state"] == "refused", WAIT).await.json()
+    }
+}
+
+fn states(events: &[Value]) -> Vec<String> {
+    events.iter().map(|e| e["state"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_charge_reports_every_step_and_the_confirmed_payment() {
+    let mut w = world(AgentOpts::default()).await;
+    w.send("kiosk-1", charge("sale-1", "15.00")).await;
+    let events = w.story("kiosk-1", "sale-1").await;
+    let s = states(&events);
+    assert_eq!(s.first().map(String::as_str), Some("accepted"));
+    assert!(s.contains(&"sent".to_string()), "{s:?}");
+    assert_eq!(s.last().map(String::as_str), Some("approved"));
+    let last = events.last().unwrap();
+    assert_eq!(last["amount"], "15.00");
+    assert_eq!(last["payment"]["status"], "approved");
+    assert!(last["intent_id"].is_string());
+    // seq counts 1, 2, 3... per request.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(w.agent.sim.ledger().len(), 1);
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_outcome_amounts_map_to_declined_and_failed() {
+    let mut w = world(AgentOpts::default()).await;
+    for (rid, amount, want, code) in [
+        ("rej", "12.00", "declined", None),
+        ("rev", "11.00", "declined", None),
+        ("err", "13.00", "failed", Some("terminal_error")),
+    ] {
+        w.send("kiosk-1", charge(rid, amount)).await;
+        let events = w.story("kiosk-1", rid).await;
+        let last = events.last().unwrap();
+        assert_eq!(last["state"], want, "{rid}: {events:?}");
+        if let Some(code) = code {
+            assert_eq!(last["error"]["code"], code);
+        }
+        assert!(!states(&events).contains(&"approved".to_string()));
+    }
+    assert!(w.agent.sim.duplicated_references().is_empty());
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmation_required_with_an_undecided_payment_is_never_approved() {
+    let mut w = world(AgentOpts {
+        terminal: TerminalMode::Manual,
+        point_extra: vec!["confirm_window = \"1s\""],
+        ..AgentOpts::default()
+    })
+    .await;
+    w.send("kiosk-1", charge("cr-1", "20.00")).await;
+    let topic = w.agent.evt_topic("kiosk-1");
+    w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "sent", WAIT).await;
+    let intent = w.agent.sim.intents().into_iter().next().expect("an intent exists");
+    w.agent.sim.advance(&intent.id, "ON_TERMINAL").unwrap();
+    w.agent.sim.advance(&intent.id, "CONFIRMATION_REQUIRED").unwrap();
+    let m = w
+        .station
+        .wait_for(
+            |m| m.topic == topic && matches!(m.json()["state"].as_str(), Some("needs_attention" | "approved")),
+            WAIT,
+        )
+        .await;
+    assert_eq!(m.json()["state"], "needs_attention");
+    assert_eq!(m.json()["final"], false);
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_charge_on_a_busy_terminal_waits_then_runs() {
+    let mut w = world(AgentOpts { terminal: TerminalMode::Manual, ..AgentOpts::default() }).await;
+    w.send("kiosk-1", charge("first", "10.00")).await;
+    let topic = w.agent.evt_topic("kiosk-1");
+    w.station.wait_for(|m| m.topic == topic && m.json()["request_id"] == "first" && m.json()["state"] == "sent", WAIT).await;
+    w.send("kiosk-1", charge("second", "11.50")).await;
+    let waiting = w
+        .station
+        .wait_for(|m| m.topic == topic && m.json()["request_id"] == "second" && m.json()["state"] == "waiting", WAIT)
+        .await;
+    assert_eq!(waiting.json()["reason"], "terminal_busy");
+    assert_eq!(w.agent.sim.ledger().len(), 1, "the second charge is not created while the first holds the terminal");
+    let first = w.agent.sim.intents()[0].id.clone();
+    w.agent.sim.advance(&first, "ON_TERMINAL").unwrap();
+    w.agent.sim.advance(&first, "PROCESSING").unwrap();
+    w.agent.sim.advance(&first, "PROCESSED").unwrap();
+    w.agent.sim.advance(&first, "FINISHED").unwrap();
+    let events = w.story("kiosk-1", "first").await;
+    assert_eq!(states(&events).last().unwrap(), "approved");
+    // Now the second is created.
+    w.station.wait_for(|m| m.topic == topic && m.json()["request_id"] == "second" && m.json()["state"] == "sent", WAIT).await;
+    assert_eq!(w.agent.sim.ledger().len(), 2);
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_cancels_an_open_intent() {
+    let mut w = world(AgentOpts { terminal: TerminalMode::Manual, ..AgentOpts::default() }).await;
+    w.send("kiosk-1", charge("to-cancel", "30.00")).await;
+    let topic = w.agent.evt_topic("kiosk-1");
+    w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "sent", WAIT).await;
+    w.send("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c-1","target":"to-cancel"}).to_string().into_bytes()).await;
+    let charge_story = w.story("kiosk-1", "to-cancel").await;
+    assert_eq!(states(&charge_story).last().unwrap(), "canceled");
+    let cancel_story = w.story("kiosk-1", "c-1").await;
+    assert_eq!(states(&cancel_story), vec!["accepted", "done"]);
+    let intent = &w.agent.sim.intents()[0];
+    assert_eq!(intent.state, "CANCELED");
+    // Canceling again: the target is final.
+    let r = w.refusal("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c-2","target":"to-cancel"}).to_string().into_bytes()).await;
+    assert_eq!(r["error"]["code"], "not_cancelable");
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_this_validation_produces_reaches_the_station_and_nothing_reaches_the_api() {
+    let mut w = world(AgentOpts {
+        stations: vec![
+            ("kiosk-1", vec!["PAX_A910__0001"]),
+            ("kiosk-2", vec!["PAX_A910__0002"]),
+            ("kiosk-3", vec!["PAX_STANDALONE__0003"]),
+        ],
+        standalone: vec!["PAX_STANDALONE__0003"],
+        terminal: TerminalMode::Manual,
+        ..AgentOpts::default()
+    })
+    .await;
+    let big = format!(r#"{{"v":1,"type":"charge","request_id":"big","amount":"1.00","description":"{}"}}"#, "x".repeat(9000));
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("kiosk-1", b"not json".to_vec(), "bad_json"),
+        ("kiosk-1", big.into_bytes(), "too_large"),
+        ("kiosk-1", br#"{"v":2,"type":"charge","request_id":"a","amount":"1.00"}"#.to_vec(), "bad_version"),
+        ("kiosk-1", br#"{"type":"charge","request_id":"a","amount":"10.00"}"#.to_vec(), "missing_field"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amout":"10.00"}"#.to_vec(), "bad_field"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":10.5}"#.to_vec(), "bad_amount"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"-5.00"}"#.to_vec(), "bad_amount"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"10.001"}"#.to_vec(), "bad_amount"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"0"}"#.to_vec(), "amount_out_of_range"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"5000000.00"}"#.to_vec(), "amount_out_of_range"),
+        ("intruder", br#"{"v":1,"type":"charge","request_id":"a","amount":"10.00"}"#.to_vec(), "unknown_station"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"10.00","terminal":"NOPE__1"}"#.to_vec(), "unknown_terminal"),
+        ("kiosk-1", br#"{"v":1,"type":"charge","request_id":"a","amount":"10.00","terminal":"PAX_A910__0002"}"#.to_vec(), "terminal_not_bound"),
+        ("kiosk-3", br#"{"v":1,"type":"charge","request_id":"a","amount":"10.00"}"#.to_vec(), "terminal_unavailable"),
+        ("kiosk-1", br#"{"v":1,"type":"cancel","request_id":"c","target":"nothing"}"#.to_vec(), "unknown_target"),
+        ("kiosk-1", br#"{"v":1,"type":"query","request_id":"q","target":"nothing"}"#.to_vec(), "unknown_target"),
+    ];
+    for (station, payload, code) in cases {
+        let topic = w.agent.evt_topic(station);
+        w.send(station, payload).await;
+        let m = w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "refused", WAIT).await.json();
+        assert_eq!(m["error"]["code"], code, "{m}");
+        assert_eq!(m["seq"], 0);
+        assert_eq!(m["final"], true);
+        assert!(m["error"]["message"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+    // A repeat with other content is a conflict carrying the original's latest event.
+    w.send("kiosk-1", charge("dup", "10.00")).await;
+    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "accepted", WAIT).await;
+    let r = w.refusal("kiosk-1", charge("dup", "11.00")).await;
+    assert_eq!(r["error"]["code"], "conflict");
+    assert_eq!(r["current"]["request_id"], "dup");
+    // The same content again is answered with the latest event, not a second charge.
+    w.send("kiosk-1", charge("dup", "10")).await;
+    // A reference owned by another request.
+    w.send("kiosk-2", json!({"v":1,"type":"charge","request_id":"r1","amount":"10.00","external_reference":"ref-123"}).to_string().into_bytes()).await;
+    w.station.wait_for(|m| m.json()["request_id"] == "r1" && m.json()["state"] == "accepted", WAIT).await;
+    let topic2 = w.agent.evt_topic("kiosk-2");
+    w.send("kiosk-2", json!({"v":1,"type":"charge","request_id":"r2","amount":"10.00","external_reference":"ref-123"}).to_string().into_bytes()).await;
+    let r = w.station.wait_for(|m| m.topic == topic2 && m.json()["state"] == "refused", WAIT).await.json();
+    assert_eq!(r["error"]["code"], "duplicate_reference");
+    // On the terminal: not cancelable through the API.
+    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "sent", WAIT).await;
+    let intent = w.agent.sim.intents().into_iter().find(|i| i.device_id == "PAX_A910__0001").unwrap();
+    w.agent.sim.advance(&intent.id, "ON_TERMINAL").unwrap();
+    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "on_terminal", WAIT).await;
+    let r = w.refusal("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c9","target":"dup"}).to_string().into_bytes()).await;
+    assert_eq!(r["error"]["code"], "not_cancelable");
+    // Only the two accepted charges reached the API: one create each, nothing twice.
+    let ledger = w.agent.sim.ledger();
+    assert_eq!(ledger.len(), 2, "{ledger:?}");
+    assert!(w.agent.sim.duplicated_references().is_empty());
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_refuses_charges_beyond_max_pending() {
+    let mut w = world(AgentOpts {
+        terminal: TerminalMode::Manual,
+        queue_extra: vec!["max_pending = 1"],
+        ..AgentOpts::default()
+    })
+    .await;
+    w.send("kiosk-1", charge("one", "10.00")).await;
+    w.station.wait_for(|m| m.json()["request_id"] == "one" && m.json()["state"] == "accepted", WAIT).await;
+    let r = w.refusal("kiosk-2", charge("two", "10.00")).await;
+    assert_eq!(r["error"]["code"], "queue_full");
+    w.agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_as_the_station_get_an_approved_charge_with_exactly_one_create() {
+    let broker = Mosquitto::start_default();
+    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
+    let evt = agent.evt_topic("kiosk-1");
+    let status = agent.status_topic();
+    let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);
+    sub.wait_for(|m| m.topic == status && m.payload.contains("online"), WAIT);
+    mosquitto_pub(broker.port(), &agent.cmd_topic("kiosk-1"), r#"{"v":1,"type":"charge","request_id":"cli-1","amount":"15"}"#);
+    let last = sub.wait_for(|m| m.topic == evt && m.payload.contains(r#""final":true"#), WAIT);
+    let v: Value = serde_json::from_str(&last.payload).unwrap();
+    assert_eq!(v["state"], "approved", "{}", last.payload);
+    assert_eq!(v["amount"], "15.00");
+    let reference = agent.sim.ledger()[0].external_reference.clone().unwrap();
+    assert_eq!(agent.sim.creates_for(&reference), 1);
+    agent.stop().await;
+}
