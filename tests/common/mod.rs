@@ -1,0 +1,25 @@
+//! The end-to-end test harness, shared by every file under `tests/` (`mod common;`).
+//!
+//! - [`mosquitto`]: a real Mosquitto per test on a free port ([`Mosquitto`]), and the
+//!   `mosquitto_pub` / `mosquitto_sub` clients ([`mosquitto_pub`], [`MosquittoSub`]).
+//! - [`mqtt`]: test stations, MQTT 5 ([`MqttStation`]) and 3.1.1 ([`MqttStation311`]).
+//! - [`pki`]: test certificates ([`TestPki`]).
+//! - [`util`]: [`free_port`], bounded polling ([`wait_until`], [`wait_until_async`]),
+//!   scratch directories ([`Workdir`]).
+//!
+//! Rules the helpers keep: real sockets on port 0 or a port just found free, never a fixed
+//! one; waits are for an observed condition with a deadline, never a bare sleep; a missing
+//! Mosquitto fails the test with how to install it (run `.ci/run`), it never skips.
+//! Not every test file uses every helper, hence the `dead_code` allowance.
+
+#![allow(dead_code, unused_imports)]
+
+pub mod mosquitto;
+pub mod mqtt;
+pub mod pki;
+pub mod util;
+
+pub use mosquitto::{mosquitto_pub, mosquitto_pub_with, try_mosquitto_pub, Mosquitto, MosquittoOpts, MosquittoSub, SubMsg};
+pub use mqtt::{LinkStatus, MqttStation, MqttStation311, Msg, PubOpts, StationOpts};
+pub use pki::{CertPaths, TestPki};
+pub use util::{free_port, wait_until, wait_until_async, Workdir};
