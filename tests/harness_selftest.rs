@@ -30,7 +30,11 @@ async fn station_receives_what_mosquitto_pub_publishes_and_nothing_else() {
     assert_eq!(msg.qos, 1);
     assert!(!msg.retain);
     // Negative control: the unsubscribed topic never shows up.
-    assert!(station.next_message(QUIET).await.is_none(), "saw {:?}", station.seen());
+    assert!(
+        station.next_message(QUIET).await.is_none(),
+        "saw {:?}",
+        station.seen()
+    );
 }
 
 #[tokio::test]
@@ -42,20 +46,34 @@ async fn mqtt5_response_topic_and_correlation_data_pass_through_mosquitto() {
     requester.subscribe("selftest/reply").await;
 
     requester
-        .publish_with_props("selftest/cmd", "ping", "selftest/reply", b"corr-1", Some(60))
+        .publish_with_props(
+            "selftest/cmd",
+            "ping",
+            "selftest/reply",
+            b"corr-1",
+            Some(60),
+        )
         .await;
     let cmd = agent.wait_for(|m| m.topic == "selftest/cmd", WAIT).await;
     assert_eq!(cmd.response_topic.as_deref(), Some("selftest/reply"));
     assert_eq!(cmd.correlation_data.as_deref(), Some(&b"corr-1"[..]));
     // Mosquitto forwards the remaining expiry: at most what was sent, and not gone.
-    assert!(matches!(cmd.message_expiry, Some(1..=60)), "{:?}", cmd.message_expiry);
+    assert!(
+        matches!(cmd.message_expiry, Some(1..=60)),
+        "{:?}",
+        cmd.message_expiry
+    );
 
     let reply = PubOpts {
         correlation_data: cmd.correlation_data.clone(),
         ..PubOpts::default()
     };
-    agent.publish_opts(cmd.response_topic.as_deref().unwrap(), "pong", reply).await;
-    let pong = requester.wait_for(|m| m.topic == "selftest/reply", WAIT).await;
+    agent
+        .publish_opts(cmd.response_topic.as_deref().unwrap(), "pong", reply)
+        .await;
+    let pong = requester
+        .wait_for(|m| m.topic == "selftest/reply", WAIT)
+        .await;
     assert_eq!(pong.payload, b"pong");
     assert_eq!(pong.correlation_data.as_deref(), Some(&b"corr-1"[..]));
 
@@ -80,7 +98,9 @@ async fn retained_message_survives_a_restart_only_with_persistence() {
             retain: true,
             ..PubOpts::default()
         };
-        publisher.publish_opts("selftest/retained", "kept", retained).await;
+        publisher
+            .publish_opts("selftest/retained", "kept", retained)
+            .await;
         drop(publisher);
 
         broker.restart();
@@ -89,12 +109,19 @@ async fn retained_message_survives_a_restart_only_with_persistence() {
         let mut reader = MqttStation::connect(port, "selftest-reader", true).await;
         reader.subscribe("selftest/retained").await;
         if persistence {
-            let msg = reader.next_message(WAIT).await.expect("the retained message");
+            let msg = reader
+                .next_message(WAIT)
+                .await
+                .expect("the retained message");
             assert_eq!(msg.payload, b"kept");
             assert!(msg.retain);
         } else {
             // Negative control: without persistence the restart forgets it.
-            assert!(reader.next_message(QUIET).await.is_none(), "saw {:?}", reader.seen());
+            assert!(
+                reader.next_message(QUIET).await.is_none(),
+                "saw {:?}",
+                reader.seen()
+            );
         }
     }
 }
@@ -128,7 +155,10 @@ async fn persistent_session_keeps_messages_for_an_absent_station() {
 
     let mut station = MqttStation::connect(port, "selftest-persistent", false).await;
     assert_eq!(station.status().session_present, Some(true));
-    let msg = station.next_message(WAIT).await.expect("the queued message");
+    let msg = station
+        .next_message(WAIT)
+        .await
+        .expect("the queued message");
     assert_eq!(msg.payload, b"while away");
 
     // Negative control: a clean start discards the session and what it held.
@@ -136,7 +166,11 @@ async fn persistent_session_keeps_messages_for_an_absent_station() {
     mosquitto_pub(port, "selftest/queued", "discarded");
     let mut clean = MqttStation::connect(port, "selftest-persistent", true).await;
     assert_eq!(clean.status().session_present, Some(false));
-    assert!(clean.next_message(QUIET).await.is_none(), "saw {:?}", clean.seen());
+    assert!(
+        clean.next_message(QUIET).await.is_none(),
+        "saw {:?}",
+        clean.seen()
+    );
 }
 
 #[tokio::test]
@@ -156,8 +190,18 @@ async fn stations_reconnect_after_sigterm_and_sigkill_restarts() {
     assert_eq!(status.session_present, Some(true), "{status:?}");
 
     mosquitto_pub(port, "selftest/after", "one");
-    assert_eq!(v5.wait_for(|m| m.topic == "selftest/after", WAIT).await.payload, b"one");
-    assert_eq!(v4.wait_for(|m| m.topic == "selftest/after", WAIT).await.payload, b"one");
+    assert_eq!(
+        v5.wait_for(|m| m.topic == "selftest/after", WAIT)
+            .await
+            .payload,
+        b"one"
+    );
+    assert_eq!(
+        v4.wait_for(|m| m.topic == "selftest/after", WAIT)
+            .await
+            .payload,
+        b"one"
+    );
 
     // SIGKILL: whatever the broker kept, the stations come back by themselves.
     broker.kill();
@@ -195,7 +239,13 @@ fn tls_listener_accepts_the_test_ca_and_refuses_another() {
     // Negative controls: another CA, and plain TCP, are refused.
     let stranger = TestPki::named("some other CA");
     let other = stranger.ca_path();
-    assert!(try_mosquitto_pub(broker.port(), "selftest/tls", "x", &["--cafile", other.to_str().unwrap()]).is_err());
+    assert!(try_mosquitto_pub(
+        broker.port(),
+        "selftest/tls",
+        "x",
+        &["--cafile", other.to_str().unwrap()]
+    )
+    .is_err());
     assert!(try_mosquitto_pub(broker.port(), "selftest/tls", "x", &[]).is_err());
 }
 
@@ -206,7 +256,14 @@ fn test_pki_issues_distinct_files_and_expired_certificates() {
     let b = pki.client_cert("station-1");
     let expired = pki.expired_server_cert(&["localhost"]);
     let selfsigned = pki.self_signed_cert(&["localhost"]);
-    let paths = [&a.cert, &a.key, &b.cert, &b.key, &expired.cert, &selfsigned.cert];
+    let paths = [
+        &a.cert,
+        &a.key,
+        &b.cert,
+        &b.key,
+        &expired.cert,
+        &selfsigned.cert,
+    ];
     for (i, p) in paths.iter().enumerate() {
         assert!(p.is_file(), "{}", p.display());
         for q in &paths[i + 1..] {
@@ -224,10 +281,7 @@ fn a_missing_program_fails_with_the_install_hint() {
         common::mosquitto::find_program("pointgate-no-such-mosquitto", "POINTGATE_TEST_UNSET_VAR")
     })
     .expect_err("a missing program must fail the test, not skip it");
-    let message = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains(".ci/run"), "{message}");
     // Positive control: the real one is found.
     assert!(common::mosquitto::find_program("mosquitto", "POINTGATE_TEST_UNSET_VAR").is_file());
