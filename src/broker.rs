@@ -13,9 +13,14 @@
 //!   exits; dropping an `EmbeddedBroker` does not stop them. `pointgate demo` exits anyway.
 //! - rumqttd logs through `tracing` under the target `rumqttd`, and reports ordinary peer
 //!   disconnects at error level: the demo's subscriber should filter it (`rumqttd=off`).
-//! - The rumqttd 0.20 MQTT 5 server is less complete than Mosquitto (see the tests in
-//!   `tests/embedded_broker.rs` for what is checked): the demo must not rely on more than
-//!   what those tests show.
+//! - What its MQTT 5 listener does with rumqttc 0.25 clients is pinned by
+//!   `tests/embedded_broker.rs`: QoS 1 with PUBACK, publish properties (response topic,
+//!   correlation data, expiry, content type, user properties), persistent sessions with
+//!   `session_present`, queued messages, retained messages, manual acks with redelivery
+//!   after a reconnect. It differs from Mosquitto in three ways the demo must tolerate:
+//!   acknowledgements are honoured in order only (an out-of-order PUBACK leaves the message
+//!   to be redelivered), a redelivery does not set DUP, and a session with expiry 0 is
+//!   kept anyway. Each errs towards a duplicate delivery, never a loss.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -49,7 +54,9 @@ pub enum BrokerError {
         addr: SocketAddr,
         reason: String,
     },
-    #[error("the embedded broker's {protocol} listener on {addr} did not answer within {waited:?}")]
+    #[error(
+        "the embedded broker's {protocol} listener on {addr} did not answer within {waited:?}"
+    )]
     NotReady {
         protocol: &'static str,
         addr: SocketAddr,
@@ -94,7 +101,11 @@ impl EmbeddedBroker {
         let v4 = free_loopback_addr()?;
 
         let router_tx = Router::new(0, router_config()).spawn();
-        let mut server_v5 = Server::new(server_settings("pointgate-demo-v5", v5), router_tx.clone(), V5);
+        let mut server_v5 = Server::new(
+            server_settings("pointgate-demo-v5", v5),
+            router_tx.clone(),
+            V5,
+        );
         let mut server_v4 = Server::new(server_settings("pointgate-demo-v4", v4), router_tx, V4);
 
         // A server only returns when it fails (its bind, mostly); report which one.
@@ -276,7 +287,10 @@ mod tests {
         let broker = EmbeddedBroker::start().expect("broker starts");
         assert!(broker.addr().ip().is_loopback());
         assert_ne!(broker.addr().port(), broker.addr_v4().port());
-        assert_eq!(broker.url(), format!("mqtt://127.0.0.1:{}", broker.addr().port()));
+        assert_eq!(
+            broker.url(),
+            format!("mqtt://127.0.0.1:{}", broker.addr().port())
+        );
         assert!(mqtt_handshake(broker.addr(), Probe::V5).is_ok());
         assert!(mqtt_handshake(broker.addr_v4(), Probe::V4).is_ok());
     }

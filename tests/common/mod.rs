@@ -10,7 +10,8 @@
 //! Rules the helpers keep: real sockets on port 0 or a port just found free, never a fixed
 //! one; waits are for an observed condition with a deadline, never a bare sleep; a missing
 //! Mosquitto fails the test with how to install it (run `.ci/run`), it never skips.
-//! Not every test file uses every helper, hence the `dead_code` allowance.
+//! Not every test file uses every helper, hence the `dead_code` and `unused_imports`
+//! allowances (each test file compiles this module on its own).
 
 #![allow(dead_code, unused_imports)]
 
@@ -20,7 +21,10 @@ pub mod pki;
 pub mod agent;
 pub mod util;
 
-pub use mosquitto::{mosquitto_pub, mosquitto_pub_with, try_mosquitto_pub, Mosquitto, MosquittoOpts, MosquittoSub, SubMsg};
+pub use mosquitto::{
+    mosquitto_pub, mosquitto_pub_with, try_mosquitto_pub, Mosquitto, MosquittoOpts, MosquittoSub,
+    SubMsg,
+};
 pub use mqtt::{LinkStatus, MqttStation, MqttStation311, Msg, PubOpts, StationOpts};
 pub use pki::{CertPaths, TestPki};
 pub use util::{free_port, wait_until, wait_until_async, Workdir};

@@ -99,7 +99,10 @@ impl Mosquitto {
                 Err(log) if log.contains("Address already in use") && attempt < PORT_ATTEMPTS => {
                     continue
                 }
-                Err(log) => panic!("mosquitto did not start on port {}; its log:\n{log}", broker.port),
+                Err(log) => panic!(
+                    "mosquitto did not start on port {}; its log:\n{log}",
+                    broker.port
+                ),
             }
         }
         unreachable!("the last attempt returns or panics")
@@ -159,7 +162,10 @@ impl Mosquitto {
         if !exited {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("mosquitto ignored SIGTERM for {BROKER_TIMEOUT:?}; log:\n{}", self.log());
+            panic!(
+                "mosquitto ignored SIGTERM for {BROKER_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -178,7 +184,10 @@ impl Mosquitto {
         // The port was ours a moment ago; another process taking it in between is not
         // worth a retry here: the test would have to learn the new port.
         if let Err(log) = self.spawn_and_wait() {
-            panic!("mosquitto did not restart on port {}; its log:\n{log}", self.port);
+            panic!(
+                "mosquitto did not restart on port {}; its log:\n{log}",
+                self.port
+            );
         }
     }
 
@@ -212,9 +221,15 @@ impl Mosquitto {
             .append(true)
             .open(self.log_path())
             .expect("open the mosquitto log");
-        writeln!(log, "---- pointgate test harness: starting on port {} ----", self.port)
-            .expect("write the mosquitto log");
-        let log_start = std::fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0);
+        writeln!(
+            log,
+            "---- pointgate test harness: starting on port {} ----",
+            self.port
+        )
+        .expect("write the mosquitto log");
+        let log_start = std::fs::metadata(self.log_path())
+            .map(|m| m.len())
+            .unwrap_or(0);
         let stdout = log.try_clone().expect("clone the log handle");
         let child = Command::new(&program)
             .arg("-c")
@@ -254,7 +269,11 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("---- mosquitto log (port {}) ----\n{}", self.port, self.log());
+            eprintln!(
+                "---- mosquitto log (port {}) ----\n{}",
+                self.port,
+                self.log()
+            );
         }
     }
 }
@@ -282,7 +301,17 @@ pub fn try_mosquitto_pub(
 ) -> Result<(), String> {
     let program = find_program("mosquitto_pub", "MOSQUITTO_PUB");
     let mut child = Command::new(&program)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-s"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-s",
+        ])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -423,7 +452,10 @@ impl MosquittoSub {
             match self.next_message(left) {
                 Some(msg) if pred(&msg) => return msg,
                 Some(_) => continue,
-                None => panic!("mosquitto_sub: no matching message within {timeout:?}; saw {:#?}", self.seen),
+                None => panic!(
+                    "mosquitto_sub: no matching message within {timeout:?}; saw {:#?}",
+                    self.seen
+                ),
             }
         }
     }

@@ -60,8 +60,13 @@ impl Msg {
 
     /// The payload parsed as JSON; panics with the payload if it is not JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.payload)
-            .unwrap_or_else(|e| panic!("payload on {} is not JSON ({e}): {}", self.topic, self.text()))
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!(
+                "payload on {} is not JSON ({e}): {}",
+                self.topic,
+                self.text()
+            )
+        })
     }
 
     fn from_v5(publish: Publish5) -> Msg {
@@ -231,21 +236,21 @@ impl Default for PubOpts {
 
 /// What the event-loop task tells the station besides messages.
 #[derive(Debug)]
-enum Ack {
+enum LinkEvent {
     /// A publish left with this packet id (0 for QoS 0).
-    Sent(u16),
+    PublishSent(u16),
     /// PUBACK for this packet id; `Err` holds a failure reason.
     PubAck(u16, Result<(), String>),
     /// SUBACK for this packet id; `Err` holds the first failure reason.
     SubAck(u16, Result<(), String>),
     /// Our PUBACK for this packet id left (manual acks).
-    AckSent(u16),
+    PubAckSent(u16),
 }
 
 /// The inbox shared by both protocol versions: messages, acks, status.
 struct Inbox {
     messages: mpsc::UnboundedReceiver<Msg>,
-    acks: mpsc::UnboundedReceiver<Ack>,
+    acks: mpsc::UnboundedReceiver<LinkEvent>,
     status: Arc<Mutex<LinkStatus>>,
     seen: Vec<Msg>,
     name: String,
@@ -255,7 +260,7 @@ struct Inbox {
 #[derive(Clone)]
 struct Outbox {
     messages: mpsc::UnboundedSender<Msg>,
-    acks: mpsc::UnboundedSender<Ack>,
+    acks: mpsc::UnboundedSender<LinkEvent>,
     status: Arc<Mutex<LinkStatus>>,
 }
 
@@ -294,7 +299,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
 impl Inbox {
     fn status(&self) -> LinkStatus {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits for the first CONNACK or the first error, whichever comes first.
@@ -318,7 +326,9 @@ impl Inbox {
     }
 
     async fn next_message(&mut self, timeout: Duration) -> Option<Msg> {
-        let msg = tokio::time::timeout(timeout, self.messages.recv()).await.ok()??;
+        let msg = tokio::time::timeout(timeout, self.messages.recv())
+            .await
+            .ok()??;
         self.seen.push(msg.clone());
         Some(msg)
     }
@@ -340,7 +350,7 @@ impl Inbox {
         }
     }
 
-    async fn next_ack(&mut self, what: &str) -> Ack {
+    async fn next_ack(&mut self, what: &str) -> LinkEvent {
         match tokio::time::timeout(ACK_TIMEOUT, self.acks.recv()).await {
             Ok(Some(ack)) => ack,
             Ok(None) => panic!("{}: event loop ended while waiting for {what}", self.name),
@@ -359,12 +369,12 @@ impl Inbox {
     /// After a QoS 1 publish request: waits for its packet id, then for that PUBACK.
     async fn wait_puback(&mut self) -> Result<(), String> {
         let pkid = loop {
-            if let Ack::Sent(pkid) = self.next_ack("the publish to leave").await {
+            if let LinkEvent::PublishSent(pkid) = self.next_ack("the publish to leave").await {
                 break pkid;
             }
         };
         loop {
-            if let Ack::PubAck(id, result) = self.next_ack("PUBACK").await {
+            if let LinkEvent::PubAck(id, result) = self.next_ack("PUBACK").await {
                 if id == pkid {
                     return result;
                 }
@@ -374,7 +384,7 @@ impl Inbox {
 
     async fn wait_suback(&mut self) -> Result<(), String> {
         loop {
-            if let Ack::SubAck(_, result) = self.next_ack("SUBACK").await {
+            if let LinkEvent::SubAck(_, result) = self.next_ack("SUBACK").await {
                 return result;
             }
         }
@@ -383,7 +393,7 @@ impl Inbox {
     /// After an ack request: waits until our PUBACK for `pkid` was written.
     async fn wait_ack_sent(&mut self, pkid: u16) {
         loop {
-            if let Ack::AckSent(id) = self.next_ack("our PUBACK to leave").await {
+            if let LinkEvent::PubAckSent(id) = self.next_ack("our PUBACK to leave").await {
                 if id == pkid {
                     return;
                 }
@@ -462,7 +472,7 @@ impl MqttStation {
                             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
                             other => Err(format!("{other:?}")),
                         };
-                        let _ = outbox.acks.send(Ack::PubAck(ack.pkid, result));
+                        let _ = outbox.acks.send(LinkEvent::PubAck(ack.pkid, result));
                     }
                     Ok(Event5::Incoming(Packet5::SubAck(ack))) => {
                         let result = ack
@@ -470,13 +480,13 @@ impl MqttStation {
                             .iter()
                             .find(|code| !matches!(code, SubscribeReasonCode::Success(_)))
                             .map_or(Ok(()), |code| Err(format!("{code:?}")));
-                        let _ = outbox.acks.send(Ack::SubAck(ack.pkid, result));
+                        let _ = outbox.acks.send(LinkEvent::SubAck(ack.pkid, result));
                     }
                     Ok(Event5::Outgoing(Outgoing::Publish(pkid))) => {
-                        let _ = outbox.acks.send(Ack::Sent(pkid));
+                        let _ = outbox.acks.send(LinkEvent::PublishSent(pkid));
                     }
                     Ok(Event5::Outgoing(Outgoing::PubAck(pkid))) => {
-                        let _ = outbox.acks.send(Ack::AckSent(pkid));
+                        let _ = outbox.acks.send(LinkEvent::PubAckSent(pkid));
                     }
                     Ok(Event5::Outgoing(Outgoing::Disconnect)) => {
                         outbox.status(|s| s.connected = false);
@@ -580,7 +590,13 @@ impl MqttStation {
             ..PublishProperties::default()
         };
         self.client
-            .publish_with_properties(topic, qos5(opts.qos), opts.retain, payload.into(), properties)
+            .publish_with_properties(
+                topic,
+                qos5(opts.qos),
+                opts.retain,
+                payload.into(),
+                properties,
+            )
             .await
             .expect("the event loop takes requests");
     }
@@ -591,7 +607,10 @@ impl MqttStation {
             panic!("an MQTT 3.1.1 message given to an MQTT 5 station");
         };
         self.inbox.drain_acks();
-        self.client.ack(publish).await.expect("the event loop takes requests");
+        self.client
+            .ack(publish)
+            .await
+            .expect("the event loop takes requests");
         self.inbox.wait_ack_sent(publish.pkid).await;
     }
 
@@ -624,7 +643,11 @@ impl MqttStation {
     pub async fn wait_connacks(&self, n: u32, timeout: Duration) -> LinkStatus {
         let inbox = &self.inbox;
         if !super::util::wait_until_async(timeout, || inbox.status().connacks >= n).await {
-            panic!("{}: not {n} CONNACKs within {timeout:?}: {:?}", inbox.name, inbox.status());
+            panic!(
+                "{}: not {n} CONNACKs within {timeout:?}: {:?}",
+                inbox.name,
+                inbox.status()
+            );
         }
         inbox.status()
     }
@@ -637,7 +660,10 @@ impl MqttStation {
     /// Sends DISCONNECT (normal, no will) and waits for the event loop to end.
     pub async fn disconnect(self) {
         let mut this = self;
-        this.client.disconnect().await.expect("the event loop takes requests");
+        this.client
+            .disconnect()
+            .await
+            .expect("the event loop takes requests");
         let _ = tokio::time::timeout(ACK_TIMEOUT, &mut this.task).await;
     }
 }
@@ -689,7 +715,7 @@ impl MqttStation311 {
                         let _ = outbox.messages.send(Msg::from_v4(publish));
                     }
                     Ok(Event4::Incoming(Packet::PubAck(ack))) => {
-                        let _ = outbox.acks.send(Ack::PubAck(ack.pkid, Ok(())));
+                        let _ = outbox.acks.send(LinkEvent::PubAck(ack.pkid, Ok(())));
                     }
                     Ok(Event4::Incoming(Packet::SubAck(ack))) => {
                         let result = ack
@@ -697,13 +723,13 @@ impl MqttStation311 {
                             .iter()
                             .find(|code| matches!(code, Code4::Failure))
                             .map_or(Ok(()), |code| Err(format!("{code:?}")));
-                        let _ = outbox.acks.send(Ack::SubAck(ack.pkid, result));
+                        let _ = outbox.acks.send(LinkEvent::SubAck(ack.pkid, result));
                     }
                     Ok(Event4::Outgoing(Outgoing::Publish(pkid))) => {
-                        let _ = outbox.acks.send(Ack::Sent(pkid));
+                        let _ = outbox.acks.send(LinkEvent::PublishSent(pkid));
                     }
                     Ok(Event4::Outgoing(Outgoing::PubAck(pkid))) => {
-                        let _ = outbox.acks.send(Ack::AckSent(pkid));
+                        let _ = outbox.acks.send(LinkEvent::PubAckSent(pkid));
                     }
                     Ok(Event4::Outgoing(Outgoing::Disconnect)) => {
                         outbox.status(|s| s.connected = false);
@@ -754,7 +780,13 @@ impl MqttStation311 {
     }
 
     /// Publishes with this QoS and retain flag; for QoS 1 waits for the PUBACK.
-    pub async fn publish_qos(&mut self, topic: &str, payload: impl Into<Vec<u8>>, qos: u8, retain: bool) {
+    pub async fn publish_qos(
+        &mut self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        qos: u8,
+        retain: bool,
+    ) {
         self.inbox.drain_acks();
         self.publish_nowait(topic, payload, qos, retain).await;
         if qos > 0 {
@@ -765,7 +797,13 @@ impl MqttStation311 {
     }
 
     /// Queues a publish with the event loop and returns at once.
-    pub async fn publish_nowait(&self, topic: &str, payload: impl Into<Vec<u8>>, qos: u8, retain: bool) {
+    pub async fn publish_nowait(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        qos: u8,
+        retain: bool,
+    ) {
         self.client
             .publish(topic, qos4(qos), retain, payload.into())
             .await
@@ -778,7 +816,10 @@ impl MqttStation311 {
             panic!("an MQTT 5 message given to an MQTT 3.1.1 station");
         };
         self.inbox.drain_acks();
-        self.client.ack(publish).await.expect("the event loop takes requests");
+        self.client
+            .ack(publish)
+            .await
+            .expect("the event loop takes requests");
         self.inbox.wait_ack_sent(publish.pkid).await;
     }
 
@@ -805,7 +846,11 @@ impl MqttStation311 {
     pub async fn wait_connacks(&self, n: u32, timeout: Duration) -> LinkStatus {
         let inbox = &self.inbox;
         if !super::util::wait_until_async(timeout, || inbox.status().connacks >= n).await {
-            panic!("{}: not {n} CONNACKs within {timeout:?}: {:?}", inbox.name, inbox.status());
+            panic!(
+                "{}: not {n} CONNACKs within {timeout:?}: {:?}",
+                inbox.name,
+                inbox.status()
+            );
         }
         inbox.status()
     }
@@ -816,7 +861,10 @@ impl MqttStation311 {
 
     pub async fn disconnect(self) {
         let mut this = self;
-        this.client.disconnect().await.expect("the event loop takes requests");
+        this.client
+            .disconnect()
+            .await
+            .expect("the event loop takes requests");
         let _ = tokio::time::timeout(ACK_TIMEOUT, &mut this.task).await;
     }
 }

@@ -49,10 +49,16 @@ fn validity(params: &mut CertificateParams, expired: bool) {
     }
 }
 
-fn leaf_params(names: &[&str], common_name: &str, usage: ExtendedKeyUsagePurpose) -> CertificateParams {
+fn leaf_params(
+    names: &[&str],
+    common_name: &str,
+    usage: ExtendedKeyUsagePurpose,
+) -> CertificateParams {
     let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
     let mut params = CertificateParams::new(names).expect("valid subject alternative names");
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![usage];
     params.use_authority_key_identifier_extension = true;
@@ -71,7 +77,9 @@ impl TestPki {
         let dir = Workdir::new();
         let mut params = CertificateParams::default();
         params.distinguished_name.remove(DnType::CommonName);
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -105,13 +113,21 @@ impl TestPki {
 
     /// A server certificate for these DNS names / IP addresses (the first is also the CN).
     pub fn server_cert(&self, names: &[&str]) -> CertPaths {
-        let params = leaf_params(names, names.first().copied().unwrap_or("server"), ExtendedKeyUsagePurpose::ServerAuth);
+        let params = leaf_params(
+            names,
+            names.first().copied().unwrap_or("server"),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         self.issue("server", params)
     }
 
     /// A server certificate whose validity ended yesterday.
     pub fn expired_server_cert(&self, names: &[&str]) -> CertPaths {
-        let mut params = leaf_params(names, names.first().copied().unwrap_or("server"), ExtendedKeyUsagePurpose::ServerAuth);
+        let mut params = leaf_params(
+            names,
+            names.first().copied().unwrap_or("server"),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         validity(&mut params, true);
         self.issue("expired", params)
     }
@@ -125,7 +141,11 @@ impl TestPki {
 
     /// A self-signed server certificate (no CA vouches for it).
     pub fn self_signed_cert(&self, names: &[&str]) -> CertPaths {
-        let params = leaf_params(names, names.first().copied().unwrap_or("server"), ExtendedKeyUsagePurpose::ServerAuth);
+        let params = leaf_params(
+            names,
+            names.first().copied().unwrap_or("server"),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         let key = KeyPair::generate().expect("generate a key");
         let cert = params.self_signed(&key).expect("self-sign");
         self.write("selfsigned", &cert.pem(), &key.serialize_pem())
