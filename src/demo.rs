@@ -96,7 +96,8 @@ dir = "{state}"
 #[cfg(unix)]
 fn restrict(path: &Path) -> Result<(), DemoError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup("token file mode"))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(setup("token file mode"))
 }
 
 #[cfg(not(unix))]
@@ -116,8 +117,14 @@ async fn stations_client(
     let (tx, rx) = mpsc::unbounded_channel();
     let evt_filter = format!("{prefix}/station/+/evt");
     let status = format!("{prefix}/agent/status");
-    client.subscribe(evt_filter, QoS::AtLeastOnce).await.map_err(setup("subscribe"))?;
-    client.subscribe(status, QoS::AtLeastOnce).await.map_err(setup("subscribe"))?;
+    client
+        .subscribe(evt_filter, QoS::AtLeastOnce)
+        .await
+        .map_err(setup("subscribe"))?;
+    client
+        .subscribe(status, QoS::AtLeastOnce)
+        .await
+        .map_err(setup("subscribe"))?;
     let prefix = prefix.to_string();
     tokio::spawn(async move {
         loop {
@@ -154,7 +161,10 @@ pub async fn run() -> Result<(), DemoError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let t0 = Instant::now();
     let dir = tempfile_dir()?;
-    println!("pointgate demo: everything runs on this machine, in {}", dir.display());
+    println!(
+        "pointgate demo: everything runs on this machine, in {}",
+        dir.display()
+    );
 
     let broker = EmbeddedBroker::start().map_err(setup("embedded broker"))?;
     println!("  broker     {} (embedded)", broker.url());
@@ -163,11 +173,17 @@ pub async fn run() -> Result<(), DemoError> {
         devices: STATIONS.iter().map(|(_, t)| t.to_string()).collect(),
         ca_out: Some(dir.join("sim-ca.pem")),
         token: "TEST-demo-token".into(),
-        terminal: TerminalMode::Auto { pickup: Duration::from_millis(1500), process: Duration::from_millis(400) },
+        terminal: TerminalMode::Auto {
+            pickup: Duration::from_millis(1500),
+            process: Duration::from_millis(400),
+        },
         ..SimConfig::default()
     };
     let sim = sim::start(sim_cfg).await.map_err(setup("simulator"))?;
-    println!("  Point API  {} (simulator, CA in sim-ca.pem)", sim.base_url());
+    println!(
+        "  Point API  {} (simulator, CA in sim-ca.pem)",
+        sim.base_url()
+    );
 
     let config_path = write_config(&dir, &sim.base_url(), &broker.url())?;
     let config = Config::load(Some(&config_path), &Default::default()).map_err(setup("config"))?;
@@ -177,40 +193,93 @@ pub async fn run() -> Result<(), DemoError> {
 
     let (client, mut events) = stations_client(broker.addr().port(), &prefix).await?;
     // Stations wait for the agent to say online before their first command.
-    wait_for(&mut events, Duration::from_secs(15), |s, v| s == "agent" && v["state"] == "online")
-        .await
-        .ok_or_else(|| DemoError::Failed("the agent did not come online".into()))?;
+    wait_for(&mut events, Duration::from_secs(15), |s, v| {
+        s == "agent" && v["state"] == "online"
+    })
+    .await
+    .ok_or_else(|| DemoError::Failed("the agent did not come online".into()))?;
     println!("  agent      online, topics under {prefix}/\n");
 
     let steps = [
-        Step { station: "kiosk-01", request_id: "sale-1001", amount: "25.00", expect: "approved", note: "card approved" },
-        Step { station: "kiosk-02", request_id: "sale-2001", amount: "12.00", expect: "declined", note: "simulator amount 1200: rejected" },
-        Step { station: "scale-04", request_id: "sale-4001", amount: "13.00", expect: "failed", note: "simulator amount 1300: terminal error" },
-        Step { station: "lane-03", request_id: "sale-3001", amount: "40.00", expect: "canceled", note: "the station cancels while OPEN" },
+        Step {
+            station: "kiosk-01",
+            request_id: "sale-1001",
+            amount: "25.00",
+            expect: "approved",
+            note: "card approved",
+        },
+        Step {
+            station: "kiosk-02",
+            request_id: "sale-2001",
+            amount: "12.00",
+            expect: "declined",
+            note: "simulator amount 1200: rejected",
+        },
+        Step {
+            station: "scale-04",
+            request_id: "sale-4001",
+            amount: "13.00",
+            expect: "failed",
+            note: "simulator amount 1300: terminal error",
+        },
+        Step {
+            station: "lane-03",
+            request_id: "sale-3001",
+            amount: "40.00",
+            expect: "canceled",
+            note: "the station cancels while OPEN",
+        },
     ];
     let mut seen: BTreeMap<(String, String), Seen> = BTreeMap::new();
     let cmd_topic = |station: &str| format!("{prefix}/station/{station}/cmd");
 
     println!("Part 1: four stations, four outcomes");
     for s in &steps {
-        println!("  {:<9} → charge {} of {} ({})", s.station, s.request_id, s.amount, s.note);
-        seen.insert((s.station.into(), s.request_id.into()), Seen { states: vec![], started: Instant::now(), ended: None, intent: None });
+        println!(
+            "  {:<9} → charge {} of {} ({})",
+            s.station, s.request_id, s.amount, s.note
+        );
+        seen.insert(
+            (s.station.into(), s.request_id.into()),
+            Seen {
+                states: vec![],
+                started: Instant::now(),
+                ended: None,
+                intent: None,
+            },
+        );
         client
-            .publish(cmd_topic(s.station), QoS::AtLeastOnce, false, charge_json(s.request_id, s.amount))
+            .publish(
+                cmd_topic(s.station),
+                QoS::AtLeastOnce,
+                false,
+                charge_json(s.request_id, s.amount),
+            )
             .await
             .map_err(setup("publish"))?;
     }
     let mut cancel_sent = false;
     let deadline = Instant::now() + Duration::from_secs(40);
     while !all_final(&seen) {
-        let Some((station, ev)) = next_event(&mut events, deadline).await else { break };
+        let Some((station, ev)) = next_event(&mut events, deadline).await else {
+            break;
+        };
         record(&mut seen, &station, &ev);
-        if station == "lane-03" && ev["request_id"] == "sale-3001" && ev["state"] == "sent" && !cancel_sent {
+        if station == "lane-03"
+            && ev["request_id"] == "sale-3001"
+            && ev["state"] == "sent"
+            && !cancel_sent
+        {
             cancel_sent = true;
             println!("  {:<9} → cancel sale-3001", "lane-03");
             let cancel = serde_json::json!({"v":1,"type":"cancel","request_id":"cancel-3001","target":"sale-3001"});
             client
-                .publish(cmd_topic("lane-03"), QoS::AtLeastOnce, false, cancel.to_string().into_bytes())
+                .publish(
+                    cmd_topic("lane-03"),
+                    QoS::AtLeastOnce,
+                    false,
+                    cancel.to_string().into_bytes(),
+                )
                 .await
                 .map_err(setup("publish"))?;
         }
@@ -219,10 +288,23 @@ pub async fn run() -> Result<(), DemoError> {
     println!("\nPart 2: the Point API goes down while a charge arrives");
     sim.set_fault(Fault::Down);
     println!("  simulator  API DOWN");
-    seen.insert(("kiosk-01".into(), "sale-1002".into()), Seen { states: vec![], started: Instant::now(), ended: None, intent: None });
+    seen.insert(
+        ("kiosk-01".into(), "sale-1002".into()),
+        Seen {
+            states: vec![],
+            started: Instant::now(),
+            ended: None,
+            intent: None,
+        },
+    );
     println!("  {:<9} → charge sale-1002 of 18.50", "kiosk-01");
     client
-        .publish(cmd_topic("kiosk-01"), QoS::AtLeastOnce, false, charge_json("sale-1002", "18.50"))
+        .publish(
+            cmd_topic("kiosk-01"),
+            QoS::AtLeastOnce,
+            false,
+            charge_json("sale-1002", "18.50"),
+        )
         .await
         .map_err(setup("publish"))?;
     let outage_start = Instant::now();
@@ -231,7 +313,9 @@ pub async fn run() -> Result<(), DemoError> {
     })
     .await;
     if waited.is_none() {
-        return Err(DemoError::Failed("the charge was not reported waiting during the outage".into()));
+        return Err(DemoError::Failed(
+            "the charge was not reported waiting during the outage".into(),
+        ));
     }
     // Keep the API down a little longer, as a real outage would be.
     let _ = wait_for_recording(&mut events, &mut seen, Duration::from_secs(3), |_, _| false).await;
@@ -240,7 +324,9 @@ pub async fn run() -> Result<(), DemoError> {
     println!("  simulator  API back after {:.1} s", outage.as_secs_f64());
     let deadline = Instant::now() + Duration::from_secs(40);
     while !all_final(&seen) {
-        let Some((station, ev)) = next_event(&mut events, deadline).await else { break };
+        let Some((station, ev)) = next_event(&mut events, deadline).await else {
+            break;
+        };
         record(&mut seen, &station, &ev);
     }
 
@@ -251,14 +337,23 @@ pub async fn run() -> Result<(), DemoError> {
     let expected: BTreeMap<(String, String), &str> = steps
         .iter()
         .map(|s| ((s.station.to_string(), s.request_id.to_string()), s.expect))
-        .chain(std::iter::once((("kiosk-01".to_string(), "sale-1002".to_string()), "approved")))
+        .chain(std::iter::once((
+            ("kiosk-01".to_string(), "sale-1002".to_string()),
+            "approved",
+        )))
         .collect();
     println!("\nSummary");
-    println!("  {:<9} {:<10} {:<10} {:<8} {:>7}  events", "station", "request", "outcome", "expected", "time");
+    println!(
+        "  {:<9} {:<10} {:<10} {:<8} {:>7}  events",
+        "station", "request", "outcome", "expected", "time"
+    );
     let mut wrong = 0;
     for ((station, rid), s) in &seen {
         let outcome = s.states.last().cloned().unwrap_or_else(|| "(none)".into());
-        let want = expected.get(&(station.clone(), rid.clone())).copied().unwrap_or("?");
+        let want = expected
+            .get(&(station.clone(), rid.clone()))
+            .copied()
+            .unwrap_or("?");
         if outcome != want {
             wrong += 1;
         }
@@ -278,11 +373,17 @@ pub async fn run() -> Result<(), DemoError> {
         "  outage: API down {:.1} s; charge sale-1002 waited and then ran",
         outage.as_secs_f64()
     );
-    println!("  simulator ledger: {} intents created, {} created twice", ledger.len(), dups.len());
+    println!(
+        "  simulator ledger: {} intents created, {} created twice",
+        ledger.len(),
+        dups.len()
+    );
     println!("  total {:.1} s", t0.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&dir);
     if wrong > 0 || !dups.is_empty() {
-        return Err(DemoError::Failed(format!("{wrong} charge(s) ended otherwise than expected")));
+        return Err(DemoError::Failed(format!(
+            "{wrong} charge(s) ended otherwise than expected"
+        )));
     }
     println!("demo OK");
     Ok(())
@@ -313,7 +414,11 @@ fn record(seen: &mut BTreeMap<(String, String), Seen>, station: &str, ev: &Value
     if let Some(i) = ev["intent_id"].as_str() {
         s.intent = Some(i.to_string());
     }
-    let detail = match (ev["reason"].as_str(), ev["error"]["code"].as_str(), ev["payment"]["status"].as_str()) {
+    let detail = match (
+        ev["reason"].as_str(),
+        ev["error"]["code"].as_str(),
+        ev["payment"]["status"].as_str(),
+    ) {
         (Some(r), _, _) => format!(" ({r})"),
         (_, Some(c), _) => format!(" ({c})"),
         (_, _, Some(p)) => format!(" (payment {p})"),
@@ -326,7 +431,10 @@ fn record(seen: &mut BTreeMap<(String, String), Seen>, station: &str, ev: &Value
     }
 }
 
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, deadline: Instant) -> Option<(String, Value)> {
+async fn next_event(
+    rx: &mut mpsc::UnboundedReceiver<(String, Value)>,
+    deadline: Instant,
+) -> Option<(String, Value)> {
     let left = deadline.saturating_duration_since(Instant::now());
     tokio::time::timeout(left, rx.recv()).await.ok().flatten()
 }

@@ -120,11 +120,16 @@ pub fn link_config(config: &Config) -> Result<LinkConfig, RunError> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if config.point.backend == BackendKind::Orders {
-        return Err(RunError::Config("point.backend: the orders backend is not available in this version".into()));
+        return Err(RunError::Config(
+            "point.backend: the orders backend is not available in this version".into(),
+        ));
     }
     let http = point::http::HttpClient::new(&point::http::HttpConfig::from_point(&config.point))
         .map_err(|e| RunError::Config(e.to_string()))?;
-    let backend = Arc::new(point::integrations::IntegrationsClient::new(http, config.store.site));
+    let backend = Arc::new(point::integrations::IntegrationsClient::new(
+        http,
+        config.store.site,
+    ));
     let store = store::Store::open(&config.queue.dir)?;
     let link_cfg = link_config(&config)?;
     tracing::info!(
@@ -137,14 +142,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let (handle, rx) = engine::channel();
     let (link_tx, link_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut engine = Engine::new(engine_settings(&config), store, backend, Arc::new(SystemClock), link_tx);
+    let mut engine = Engine::new(
+        engine_settings(&config),
+        store,
+        backend,
+        Arc::new(SystemClock),
+        link_tx,
+    );
     let resumed = engine.recover()?;
     tracing::info!(resumed, "store open; open requests resumed");
 
     let tasks = tokio_util::task::TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let engine_task = tasks.spawn(engine.run(rx, engine_stop.clone()));
-    let link_task = tasks.spawn(station::link::run(link_cfg, handle, link_rx, shutdown.clone()));
+    let link_task = tasks.spawn(station::link::run(
+        link_cfg,
+        handle,
+        link_rx,
+        shutdown.clone(),
+    ));
     tasks.close();
 
     shutdown.cancelled().await;

@@ -251,7 +251,9 @@ fn sim_config(args: SimArgs) -> SimConfig {
 fn sim(args: SimArgs) -> Result<(), Failure> {
     pointgate::logging::init("info");
     let config = sim_config(args);
-    runtime()?.block_on(pointgate::sim::run_cli(config)).map_err(|e| anyhow::anyhow!(e).into())
+    runtime()?
+        .block_on(pointgate::sim::run_cli(config))
+        .map_err(|e| anyhow::anyhow!(e).into())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -263,7 +265,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn demo() -> Result<(), Failure> {
     pointgate::logging::init("error,rumqttd=off");
-    runtime()?.block_on(pointgate::demo::run()).map_err(|e| anyhow::anyhow!(e).into())
+    runtime()?
+        .block_on(pointgate::demo::run())
+        .map_err(|e| anyhow::anyhow!(e).into())
 }
 
 #[cfg(test)]

@@ -17,6 +17,9 @@ struct World {
     _broker: Mosquitto,
     agent: TestAgent,
     station: MqttStation,
+    /// Every event seen so far, in order: waits look here first, so an event that came
+    /// while the test waited for another one is not lost.
+    log: Vec<(String, Value)>,
 }
 
 /// Broker, simulator, agent, and station `kiosk-1` subscribed to its events, with the
@@ -25,11 +28,20 @@ async fn world(opts: AgentOpts) -> World {
     let broker = Mosquitto::start_default();
     let agent = TestAgent::start(&broker.url(), opts).await;
     let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
-    station.subscribe(&format!("{}/station/+/evt", agent.prefix())).await;
+    station
+        .subscribe(&format!("{}/station/+/evt", agent.prefix()))
+        .await;
     station.subscribe(&agent.status_topic()).await;
     let status = agent.status_topic();
-    station.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT).await;
-    World { _broker: broker, agent, station }
+    station
+        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+        .await;
+    World {
+        _broker: broker,
+        agent,
+        station,
+        log: Vec::new(),
+    }
 }
 
 impl World {
@@ -38,16 +50,60 @@ impl World {
         self.station.publish(&topic, payload).await;
     }
 
+    /// The first event at or after log position `from` on `station`'s topic for which
+    /// `pred` holds, waiting for more as needed. Panics after `WAIT` with what it saw.
+    async fn event_from(
+        &mut self,
+        from: usize,
+        station: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let topic = self.agent.evt_topic(station);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut i = from;
+        loop {
+            while i < self.log.len() {
+                let (t, v) = &self.log[i];
+                i += 1;
+                if *t == topic && pred(v) {
+                    return v.clone();
+                }
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.station.next_message(left).await {
+                Some(m) => {
+                    let v = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+                    self.log.push((m.topic, v));
+                }
+                None => panic!(
+                    "no matching event on {topic} within {WAIT:?}; saw {:#?}",
+                    self.log
+                ),
+            }
+        }
+    }
+
+    async fn event(&mut self, station: &str, request_id: &str, state: &str) -> Value {
+        self.event_from(0, station, |v| {
+            v["request_id"] == request_id && v["state"] == state
+        })
+        .await
+    }
+
     /// Events of `request_id` on `station`'s topic until the final one; returns them all.
     async fn story(&mut self, station: &str, request_id: &str) -> Vec<Value> {
-        let topic = self.agent.evt_topic(station);
         let mut events = Vec::new();
+        let mut from = 0;
         loop {
-            let m = self
-                .station
-                .wait_for(|m| m.topic == topic && m.json()["request_id"] == request_id, WAIT)
+            let v = self
+                .event_from(from, station, |v| v["request_id"] == request_id)
                 .await;
-            let v = m.json();
+            from = self
+                .log
+                .iter()
+                .position(|(_, x)| *x == v)
+                .map(|p| p + 1)
+                .unwrap_or(from);
             let done = v["final"] == true;
             events.push(v);
             if done {
@@ -56,15 +112,20 @@ impl World {
         }
     }
 
+    /// Send a command and return the refusal that follows it.
     async fn refusal(&mut self, station: &str, payload: Vec<u8>) -> Value {
+        let mark = self.log.len();
         self.send(station, payload).await;
-        let topic = self.agent.evt_topic(station);
-        self.station.wait_for(|m| m.topic == topic && m.json()["state"] == "refused", WAIT).await.json()
+        self.event_from(mark, station, |v| v["state"] == "refused")
+            .await
     }
 }
 
 fn states(events: &[Value]) -> Vec<String> {
-    events.iter().map(|e| e["state"].as_str().unwrap_or_default().to_string()).collect()
+    events
+        .iter()
+        .map(|e| e["state"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,36 +178,46 @@ async fn confirmation_required_with_an_undecided_payment_is_never_approved() {
     })
     .await;
     w.send("kiosk-1", charge("cr-1", "20.00")).await;
-    let topic = w.agent.evt_topic("kiosk-1");
-    w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "sent", WAIT).await;
-    let intent = w.agent.sim.intents().into_iter().next().expect("an intent exists");
+    w.event("kiosk-1", "cr-1", "sent").await;
+    let intent = w
+        .agent
+        .sim
+        .intents()
+        .into_iter()
+        .next()
+        .expect("an intent exists");
     w.agent.sim.advance(&intent.id, "ON_TERMINAL").unwrap();
-    w.agent.sim.advance(&intent.id, "CONFIRMATION_REQUIRED").unwrap();
+    w.agent
+        .sim
+        .advance(&intent.id, "CONFIRMATION_REQUIRED")
+        .unwrap();
     let m = w
-        .station
-        .wait_for(
-            |m| m.topic == topic && matches!(m.json()["state"].as_str(), Some("needs_attention" | "approved")),
-            WAIT,
-        )
+        .event_from(0, "kiosk-1", |v| {
+            matches!(v["state"].as_str(), Some("needs_attention" | "approved"))
+        })
         .await;
-    assert_eq!(m.json()["state"], "needs_attention");
-    assert_eq!(m.json()["final"], false);
+    assert_eq!(m["state"], "needs_attention");
+    assert_eq!(m["final"], false);
     w.agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_charge_on_a_busy_terminal_waits_then_runs() {
-    let mut w = world(AgentOpts { terminal: TerminalMode::Manual, ..AgentOpts::default() }).await;
+    let mut w = world(AgentOpts {
+        terminal: TerminalMode::Manual,
+        ..AgentOpts::default()
+    })
+    .await;
     w.send("kiosk-1", charge("first", "10.00")).await;
-    let topic = w.agent.evt_topic("kiosk-1");
-    w.station.wait_for(|m| m.topic == topic && m.json()["request_id"] == "first" && m.json()["state"] == "sent", WAIT).await;
+    w.event("kiosk-1", "first", "sent").await;
     w.send("kiosk-1", charge("second", "11.50")).await;
-    let waiting = w
-        .station
-        .wait_for(|m| m.topic == topic && m.json()["request_id"] == "second" && m.json()["state"] == "waiting", WAIT)
-        .await;
-    assert_eq!(waiting.json()["reason"], "terminal_busy");
-    assert_eq!(w.agent.sim.ledger().len(), 1, "the second charge is not created while the first holds the terminal");
+    let waiting = w.event("kiosk-1", "second", "waiting").await;
+    assert_eq!(waiting["reason"], "terminal_busy");
+    assert_eq!(
+        w.agent.sim.ledger().len(),
+        1,
+        "the second charge is not created while the first holds the terminal"
+    );
     let first = w.agent.sim.intents()[0].id.clone();
     w.agent.sim.advance(&first, "ON_TERMINAL").unwrap();
     w.agent.sim.advance(&first, "PROCESSING").unwrap();
@@ -155,18 +226,27 @@ async fn a_second_charge_on_a_busy_terminal_waits_then_runs() {
     let events = w.story("kiosk-1", "first").await;
     assert_eq!(states(&events).last().unwrap(), "approved");
     // Now the second is created.
-    w.station.wait_for(|m| m.topic == topic && m.json()["request_id"] == "second" && m.json()["state"] == "sent", WAIT).await;
+    w.event("kiosk-1", "second", "sent").await;
     assert_eq!(w.agent.sim.ledger().len(), 2);
     w.agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_station_cancels_an_open_intent() {
-    let mut w = world(AgentOpts { terminal: TerminalMode::Manual, ..AgentOpts::default() }).await;
+    let mut w = world(AgentOpts {
+        terminal: TerminalMode::Manual,
+        ..AgentOpts::default()
+    })
+    .await;
     w.send("kiosk-1", charge("to-cancel", "30.00")).await;
-    let topic = w.agent.evt_topic("kiosk-1");
-    w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "sent", WAIT).await;
-    w.send("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c-1","target":"to-cancel"}).to_string().into_bytes()).await;
+    w.event("kiosk-1", "to-cancel", "sent").await;
+    w.send(
+        "kiosk-1",
+        json!({"v":1,"type":"cancel","request_id":"c-1","target":"to-cancel"})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
     let charge_story = w.story("kiosk-1", "to-cancel").await;
     assert_eq!(states(&charge_story).last().unwrap(), "canceled");
     let cancel_story = w.story("kiosk-1", "c-1").await;
@@ -174,7 +254,14 @@ async fn a_station_cancels_an_open_intent() {
     let intent = &w.agent.sim.intents()[0];
     assert_eq!(intent.state, "CANCELED");
     // Canceling again: the target is final.
-    let r = w.refusal("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c-2","target":"to-cancel"}).to_string().into_bytes()).await;
+    let r = w
+        .refusal(
+            "kiosk-1",
+            json!({"v":1,"type":"cancel","request_id":"c-2","target":"to-cancel"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
     assert_eq!(r["error"]["code"], "not_cancelable");
     w.agent.stop().await;
 }
@@ -192,7 +279,10 @@ async fn every_refusal_this_validation_produces_reaches_the_station_and_nothing_
         ..AgentOpts::default()
     })
     .await;
-    let big = format!(r#"{{"v":1,"type":"charge","request_id":"big","amount":"1.00","description":"{}"}}"#, "x".repeat(9000));
+    let big = format!(
+        r#"{{"v":1,"type":"charge","request_id":"big","amount":"1.00","description":"{}"}}"#,
+        "x".repeat(9000)
+    );
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("kiosk-1", b"not json".to_vec(), "bad_json"),
         ("kiosk-1", big.into_bytes(), "too_large"),
@@ -212,17 +302,17 @@ async fn every_refusal_this_validation_produces_reaches_the_station_and_nothing_
         ("kiosk-1", br#"{"v":1,"type":"query","request_id":"q","target":"nothing"}"#.to_vec(), "unknown_target"),
     ];
     for (station, payload, code) in cases {
-        let topic = w.agent.evt_topic(station);
-        w.send(station, payload).await;
-        let m = w.station.wait_for(|m| m.topic == topic && m.json()["state"] == "refused", WAIT).await.json();
+        let m = w.refusal(station, payload).await;
         assert_eq!(m["error"]["code"], code, "{m}");
         assert_eq!(m["seq"], 0);
         assert_eq!(m["final"], true);
-        assert!(m["error"]["message"].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(m["error"]["message"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()));
     }
     // A repeat with other content is a conflict carrying the original's latest event.
     w.send("kiosk-1", charge("dup", "10.00")).await;
-    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "accepted", WAIT).await;
+    w.event("kiosk-1", "dup", "accepted").await;
     let r = w.refusal("kiosk-1", charge("dup", "11.00")).await;
     assert_eq!(r["error"]["code"], "conflict");
     assert_eq!(r["current"]["request_id"], "dup");
@@ -230,17 +320,28 @@ async fn every_refusal_this_validation_produces_reaches_the_station_and_nothing_
     w.send("kiosk-1", charge("dup", "10")).await;
     // A reference owned by another request.
     w.send("kiosk-2", json!({"v":1,"type":"charge","request_id":"r1","amount":"10.00","external_reference":"ref-123"}).to_string().into_bytes()).await;
-    w.station.wait_for(|m| m.json()["request_id"] == "r1" && m.json()["state"] == "accepted", WAIT).await;
-    let topic2 = w.agent.evt_topic("kiosk-2");
-    w.send("kiosk-2", json!({"v":1,"type":"charge","request_id":"r2","amount":"10.00","external_reference":"ref-123"}).to_string().into_bytes()).await;
-    let r = w.station.wait_for(|m| m.topic == topic2 && m.json()["state"] == "refused", WAIT).await.json();
+    w.event("kiosk-2", "r1", "accepted").await;
+    let r = w.refusal("kiosk-2", json!({"v":1,"type":"charge","request_id":"r2","amount":"10.00","external_reference":"ref-123"}).to_string().into_bytes()).await;
     assert_eq!(r["error"]["code"], "duplicate_reference");
     // On the terminal: not cancelable through the API.
-    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "sent", WAIT).await;
-    let intent = w.agent.sim.intents().into_iter().find(|i| i.device_id == "PAX_A910__0001").unwrap();
+    w.event("kiosk-1", "dup", "sent").await;
+    let intent = w
+        .agent
+        .sim
+        .intents()
+        .into_iter()
+        .find(|i| i.device_id == "PAX_A910__0001")
+        .unwrap();
     w.agent.sim.advance(&intent.id, "ON_TERMINAL").unwrap();
-    w.station.wait_for(|m| m.json()["request_id"] == "dup" && m.json()["state"] == "on_terminal", WAIT).await;
-    let r = w.refusal("kiosk-1", json!({"v":1,"type":"cancel","request_id":"c9","target":"dup"}).to_string().into_bytes()).await;
+    w.event("kiosk-1", "dup", "on_terminal").await;
+    let r = w
+        .refusal(
+            "kiosk-1",
+            json!({"v":1,"type":"cancel","request_id":"c9","target":"dup"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
     assert_eq!(r["error"]["code"], "not_cancelable");
     // Only the two accepted charges reached the API: one create each, nothing twice.
     let ledger = w.agent.sim.ledger();
@@ -258,7 +359,7 @@ async fn the_queue_refuses_charges_beyond_max_pending() {
     })
     .await;
     w.send("kiosk-1", charge("one", "10.00")).await;
-    w.station.wait_for(|m| m.json()["request_id"] == "one" && m.json()["state"] == "accepted", WAIT).await;
+    w.event("kiosk-1", "one", "accepted").await;
     let r = w.refusal("kiosk-2", charge("two", "10.00")).await;
     assert_eq!(r["error"]["code"], "queue_full");
     w.agent.stop().await;
@@ -272,8 +373,15 @@ async fn mosquitto_clients_as_the_station_get_an_approved_charge_with_exactly_on
     let status = agent.status_topic();
     let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);
     sub.wait_for(|m| m.topic == status && m.payload.contains("online"), WAIT);
-    mosquitto_pub(broker.port(), &agent.cmd_topic("kiosk-1"), r#"{"v":1,"type":"charge","request_id":"cli-1","amount":"15"}"#);
-    let last = sub.wait_for(|m| m.topic == evt && m.payload.contains(r#""final":true"#), WAIT);
+    mosquitto_pub(
+        broker.port(),
+        &agent.cmd_topic("kiosk-1"),
+        r#"{"v":1,"type":"charge","request_id":"cli-1","amount":"15"}"#,
+    );
+    let last = sub.wait_for(
+        |m| m.topic == evt && m.payload.contains(r#""final":true"#),
+        WAIT,
+    );
     let v: Value = serde_json::from_str(&last.payload).unwrap();
     assert_eq!(v["state"], "approved", "{}", last.payload);
     assert_eq!(v["amount"], "15.00");

@@ -116,6 +116,8 @@ pub struct Charge {
     pub reported_unreachable: bool,
     /// The last payment seen, for the final event.
     pub payment: Option<PaymentSeen>,
+    /// The intent id, once Mercado Pago gave one; kept after the charge ends.
+    pub intent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +245,7 @@ impl Charge {
             unreachable_since_ms: None,
             reported_unreachable: false,
             payment: None,
+            intent: None,
         }
     }
 
@@ -268,7 +271,7 @@ impl Charge {
         match &self.stage {
             Stage::Live { intent_id, .. } | Stage::Confirming { intent_id, .. } => Some(intent_id),
             Stage::NeedsAttention { intent_id, .. } => intent_id.as_deref(),
-            _ => None,
+            _ => self.intent.as_deref(),
         }
     }
 
@@ -408,6 +411,7 @@ impl Charge {
             (Stage::SendBegun { .. }, Input::CreateDone(Ok(remote))) => {
                 self.attempts = 0;
                 let intent_id = remote.id.clone();
+                self.intent = Some(intent_id.clone());
                 self.stage = Stage::Live {
                     intent_id: intent_id.clone(),
                     remote: Remote::Open,

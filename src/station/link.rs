@@ -336,7 +336,15 @@ async fn poll_loop(
                 if acks.send((p, stored)).is_err() {
                     break;
                 }
-                if !engine.send(ToEngine::Command { station, payload, props, done }).await {
+                if !engine
+                    .send(ToEngine::Command {
+                        station,
+                        payload,
+                        props,
+                        done,
+                    })
+                    .await
+                {
                     break;
                 }
             }

@@ -32,10 +32,16 @@ impl Default for AgentOpts {
     fn default() -> Self {
         AgentOpts {
             site: "MLA",
-            stations: vec![("kiosk-1", vec!["PAX_A910__0001"]), ("kiosk-2", vec!["PAX_A910__0002"])],
+            stations: vec![
+                ("kiosk-1", vec!["PAX_A910__0001"]),
+                ("kiosk-2", vec!["PAX_A910__0002"]),
+            ],
             devices: None,
             standalone: Vec::new(),
-            terminal: TerminalMode::Auto { pickup: Duration::from_millis(50), process: Duration::from_millis(50) },
+            terminal: TerminalMode::Auto {
+                pickup: Duration::from_millis(50),
+                process: Duration::from_millis(50),
+            },
             point_extra: Vec::new(),
             queue_extra: Vec::new(),
         }
@@ -84,7 +90,10 @@ impl TestAgent {
         let mut stations = String::new();
         for (s, ts) in &opts.stations {
             let list: Vec<String> = ts.iter().map(|t| format!("\"{t}\"")).collect();
-            stations.push_str(&format!("\n[stations.{s}]\nterminals = [{}]\n", list.join(", ")));
+            stations.push_str(&format!(
+                "\n[stations.{s}]\nterminals = [{}]\n",
+                list.join(", ")
+            ));
         }
         let toml = format!(
             r#"[store]
@@ -118,7 +127,13 @@ dir = "{state}"
         let config = Config::from_toml_str(&toml, &HashMap::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pointgate::run(config.clone(), shutdown.clone()));
-        TestAgent { sim, config, dir, shutdown, task: Some(task) }
+        TestAgent {
+            sim,
+            config,
+            dir,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     pub fn prefix(&self) -> String {
@@ -142,7 +157,9 @@ dir = "{state}"
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
             let res = tokio::time::timeout(Duration::from_secs(20), t).await;
-            let res = res.expect("the agent stops within 20 s").expect("agent task joins");
+            let res = res
+                .expect("the agent stops within 20 s")
+                .expect("agent task joins");
             res.expect("the agent ran without error");
         }
         self.sim.shutdown();

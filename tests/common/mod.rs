@@ -15,10 +15,10 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod agent;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
-pub mod agent;
 pub mod util;
 
 pub use mosquitto::{
