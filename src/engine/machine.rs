@@ -207,7 +207,7 @@ pub struct Emit {
 }
 
 impl Emit {
-    fn state(state: State) -> Emit {
+    pub fn state(state: State) -> Emit {
         Emit {
             state,
             reason: None,

@@ -248,6 +248,27 @@ impl TokenBucket {
     }
 }
 
+/// Where a request's events go: its MQTT 5 Response Topic, else the station's `evt`.
+fn topic_of(topics: &Topics, r: &Request) -> String {
+    match &r.reply {
+        Some(reply) => reply.topic.clone(),
+        None => topics.events(&r.station),
+    }
+}
+
+impl LinkPublish {
+    /// An outbox event, removed from the outbox on its PUBACK.
+    fn event(id: u64, o: Outgoing) -> LinkPublish {
+        LinkPublish {
+            outbox_id: Some(id),
+            topic: o.topic,
+            payload: o.payload,
+            correlation: o.correlation,
+            retain: false,
+        }
+    }
+}
+
 /// Render Unix milliseconds as RFC 3339 (UTC).
 pub fn rfc3339(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -557,10 +578,7 @@ impl<B: PointBackend> Engine<B> {
     }
 
     fn topic_for(&self, r: &Request) -> String {
-        match &r.reply {
-            Some(reply) => reply.topic.clone(),
-            None => self.s.topics.events(&r.station),
-        }
+        topic_of(&self.s.topics, r)
     }
 
     fn refuse(
@@ -847,16 +865,7 @@ impl<B: PointBackend> Engine<B> {
         tracing::info!(station, request_id = %cmd.request_id, terminal = %terminal, amount = %c.amount.to_decimal(), "charge accepted");
         self.writes.refs.push((ext_ref, key.clone()));
         self.active.insert(key.clone(), req);
-        self.emit(
-            &key,
-            Emit {
-                state: State::Accepted,
-                reason: None,
-                error: None,
-                resolved_by: None,
-            },
-            now,
-        );
+        self.emit(&key, Emit::state(State::Accepted), now);
         self.terminals
             .entry(terminal)
             .or_default()
@@ -936,16 +945,7 @@ impl<B: PointBackend> Engine<B> {
             final_ms: None,
         };
         self.active.insert(key.clone(), req);
-        self.emit(
-            &key,
-            Emit {
-                state: State::Accepted,
-                reason: None,
-                error: None,
-                resolved_by: None,
-            },
-            now,
-        );
+        self.emit(&key, Emit::state(State::Accepted), now);
         self.cancels.insert(tkey.clone(), key);
         self.apply(&tkey, Input::CancelRequested, now);
     }
@@ -957,12 +957,7 @@ impl<B: PointBackend> Engine<B> {
         now: i64,
     ) {
         let emit = match result {
-            Ok(()) => Emit {
-                state: State::Done,
-                reason: None,
-                error: None,
-                resolved_by: None,
-            },
+            Ok(()) => Emit::state(State::Done),
             Err((code, message)) => Emit {
                 state: State::Failed,
                 reason: None,
@@ -1120,14 +1115,11 @@ impl<B: PointBackend> Engine<B> {
                     amount: c.amount,
                     external_reference: req.external_reference.clone().unwrap_or_default(),
                     description: c.description.clone(),
-                    ticket_number: match site {
-                        Site::MLA => Some(
-                            c.ticket_number
-                                .clone()
-                                .unwrap_or_else(|| derived_ticket(&req.request_id)),
-                        ),
-                        _ => None,
-                    },
+                    ticket_number: site.allows_ticket_number().then(|| {
+                        c.ticket_number
+                            .clone()
+                            .unwrap_or_else(|| derived_ticket(&req.request_id))
+                    }),
                     print_on_terminal: c.print_on_terminal,
                     payment: c.payment.clone(),
                     idempotency_key: None,
@@ -1219,10 +1211,7 @@ impl<B: PointBackend> Engine<B> {
             req.final_ms = Some(now);
         }
         tracing::info!(station = %req.station, request_id = %req.request_id, state = em.state.as_str(), seq = req.seq, "event");
-        let topic = match &req.reply {
-            Some(r) => r.topic.clone(),
-            None => self.s.topics.events(&req.station),
-        };
+        let topic = topic_of(&self.s.topics, req);
         let correlation = req.reply.as_ref().and_then(|r| r.correlation.clone());
         self.dirty.insert(key.to_vec());
         self.push_outbox(topic, payload, correlation);
@@ -1274,13 +1263,7 @@ impl<B: PointBackend> Engine<B> {
                 return;
             }
             for (id, o) in writes.outbox {
-                self.publishes.push(LinkPublish {
-                    outbox_id: Some(id),
-                    topic: o.topic,
-                    payload: o.payload,
-                    correlation: o.correlation,
-                    retain: false,
-                });
+                self.publishes.push(LinkPublish::event(id, o));
             }
         }
         for k in &dirty {
@@ -1303,13 +1286,7 @@ impl<B: PointBackend> Engine<B> {
             match self.store.outbox() {
                 Ok(all) => {
                     for (id, o) in all {
-                        let _ = self.link.send(ToLink::Publish(LinkPublish {
-                            outbox_id: Some(id),
-                            topic: o.topic,
-                            payload: o.payload,
-                            correlation: o.correlation,
-                            retain: false,
-                        }));
+                        let _ = self.link.send(ToLink::Publish(LinkPublish::event(id, o)));
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "could not read the outbox"),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::money::{Cents, Site};
+use crate::money::Cents;
 
 /// What the engine asks for when it creates a charge on a terminal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,9 +308,4 @@ pub trait PointBackend: Send + Sync + 'static {
         amount: Option<Cents>,
         idempotency_key: &str,
     ) -> impl Future<Output = Result<Refund, ApiError>> + Send;
-}
-
-/// Which site's rules apply to a request: used by backends to send only allowed fields.
-pub fn site_allows_ticket_number(site: Site) -> bool {
-    site == Site::MLA
 }
