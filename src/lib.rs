@@ -25,6 +25,7 @@ pub mod broker;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod failpoint;
 pub mod logging;
 pub mod money;
 pub mod point;

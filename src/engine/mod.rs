@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StationSection;
+use crate::failpoint;
 use crate::money::Site;
 use crate::point::{ApiError, CreateCharge, Device, Payment, PointBackend, RemoteCharge};
 use crate::station::topics::Topics;
@@ -1252,6 +1253,9 @@ impl<B: PointBackend> Engine<B> {
             }
         }
         let writes = std::mem::take(&mut self.writes);
+        if !self.replies.is_empty() {
+            failpoint::hit(failpoint::COMMAND_BEFORE_STORE);
+        }
         if !writes.is_empty() {
             let res = self.store.write(&writes).and_then(|_| self.store.sync());
             if let Err(e) = res {
@@ -1262,9 +1266,18 @@ impl<B: PointBackend> Engine<B> {
                 self.calls.clear();
                 return;
             }
+            if dirty
+                .iter()
+                .any(|k| self.active.get(k).is_some_and(|r| r.is_final()))
+            {
+                failpoint::hit(failpoint::FINAL_BEFORE_PUBLISH);
+            }
             for (id, o) in writes.outbox {
                 self.publishes.push(LinkPublish::event(id, o));
             }
+        }
+        if !self.replies.is_empty() {
+            failpoint::hit(failpoint::STORED_BEFORE_ACK);
         }
         for k in &dirty {
             if self.active.get(k).is_some_and(|r| r.is_final()) {
@@ -1316,11 +1329,20 @@ impl<B: PointBackend> Engine<B> {
             if !call.key.is_empty() {
                 self.inflight.insert(call.key.clone());
             }
+            if matches!(call.op, Op::Create(_)) {
+                failpoint::hit(failpoint::CREATE_BEFORE_SEND);
+            }
             let backend = self.backend.clone();
             let tx = self.api_tx.clone();
             tokio::spawn(async move {
                 let answer = match call.op {
-                    Op::Create(c) => ApiAnswer::Create(backend.create_charge(&c).await),
+                    Op::Create(c) => {
+                        let r = backend.create_charge(&c).await;
+                        if r.is_ok() {
+                            failpoint::hit(failpoint::CREATE_AFTER_SEND);
+                        }
+                        ApiAnswer::Create(r)
+                    }
                     Op::Poll(id) => ApiAnswer::Poll(backend.get_charge(&id).await),
                     Op::Payment(id) => ApiAnswer::Payment(backend.get_payment(&id).await),
                     Op::Search(r) => ApiAnswer::Search(backend.search_payments(&r).await),
