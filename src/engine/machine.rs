@@ -4,13 +4,23 @@
 //! write, flushes, and only then performs the effects: so a `Create` effect never leaves
 //! before the `SendBegun` stage that announces it is durable.
 //!
-//! Invariants kept here (and checked by tests):
-//! - `Create` is emitted only from `Queued`, only before the deadline, and only together
-//!   with the move to `SendBegun`; nothing ever emits a second `Create` once a send has
-//!   begun (an ambiguous outcome goes to `NeedsAttention`, never back to `Queued`).
-//! - A charge in `SendBegun` or later is never `expired` by its deadline.
+//! Invariants kept here (and checked by the transition tests and the property test in
+//! `machine/prop.rs`):
+//! - `Create` is emitted only together with the move to `SendBegun`, and only before the
+//!   deadline.
+//! - After an ambiguous create (no answer, 5xx, a crash between the write-ahead and the
+//!   answer) the charge **reconciles before any new create** (`Reconciling`): it lists
+//!   the intents created since the send began; exactly one matching intent is adopted;
+//!   none at all (the list answered) allows one more create with the same reference,
+//!   before the deadline only, and a 409 to that create sends it back to reconcile (ours
+//!   may have committed late); anything it cannot decide goes to `NeedsAttention`. So at
+//!   most one intent ever exists per charge.
+//! - With a backend whose creates carry an idempotency key (`Ctx::idempotent_create`,
+//!   the Orders API) an ambiguous create is retried with the same key instead.
+//! - A charge whose send has begun is never `expired` by its deadline; it is `expired`
+//!   only when reconcile has shown that no intent exists.
 //! - `approved` is emitted only from a payment lookup that said `approved` for the
-//!   charge's exact amount.
+//!   charge's exact amount, or by an operator.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +47,13 @@ impl Timing {
     pub const BACKOFF_CAP_MS: i64 = 30_000;
     /// Lookups during `needs_attention`, after the confirm window.
     pub const ATTENTION_LOOKUP_MS: i64 = 30_000;
+    /// How long after a send began reconcile waits before it lists: a create that
+    /// reached Mercado Pago shows in the list by then.
+    pub const RECONCILE_SETTLE_MS: i64 = 2_000;
+    /// An intent created this long before our send began still counts (clock skew).
+    pub const RECONCILE_SKEW_MS: i64 = 120_000;
+    /// Rounds of "re-create answered 409, reconcile found nothing" before giving up.
+    pub const RECONCILE_MAX_ROUNDS: u32 = 5;
 }
 
 /// What the machine knows besides the input: the time, and a random number for jitter.
@@ -46,6 +63,10 @@ pub struct Ctx {
     /// Uniform in [0, 1): the driver's jitter source.
     pub jitter: f64,
     pub timing: Timing,
+    /// The backend's creates carry an idempotency key (generated with the request,
+    /// stored before the first send, reused on every retry): a retry cannot make a
+    /// second charge. False for payment intents, which have no key.
+    pub idempotent_create: bool,
 }
 
 /// Where a charge stands. Stored with the request; internal stages (`SendBegun`,
@@ -56,6 +77,9 @@ pub enum Stage {
     Queued { reason: Option<WaitReason> },
     /// Written ahead: the create is about to leave, or left without a known answer.
     SendBegun { at_ms: i64 },
+    /// A create's outcome is unknown: finding out from the intent list before anything
+    /// else is sent.
+    Reconciling { since_ms: i64 },
     /// The intent exists at Mercado Pago and has not ended.
     Live {
         intent_id: String,
@@ -118,6 +142,27 @@ pub struct Charge {
     pub payment: Option<PaymentSeen>,
     /// The intent id, once Mercado Pago gave one; kept after the charge ends.
     pub intent: Option<String>,
+    /// When the first create of this charge began (reconcile lists from there).
+    pub first_send_ms: Option<i64>,
+    /// Creates sent for this charge (more than one only after reconcile proved the
+    /// earlier ones left nothing, or with an idempotency key).
+    pub sends: u32,
+    /// Reconcile rounds ended by a 409 on the re-create.
+    pub reconcile_rounds: u32,
+    /// In `needs_attention` without an intent: the next lookup is the payment search
+    /// (else the intent list); they alternate.
+    pub search_next: bool,
+}
+
+/// An intent found by reconcile whose `external_reference` is this charge's, with
+/// what the match still needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub remote: RemoteCharge,
+    /// When the API says it was created (Unix ms), if it said so readably.
+    pub created_ms: Option<i64>,
+    /// Its device is this charge's terminal.
+    pub device_matches: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,8 +208,14 @@ pub enum Input {
     /// Payments found by `external_reference` (needs_attention without a payment id).
     SearchDone(Result<Vec<Payment>, Failure>),
     CancelDone(Result<(), Failure>),
+    /// Reconcile's answer: the intents carrying this charge's reference, created since
+    /// the send began; `None` when the API does not serve the list.
+    ListDone(Result<Option<Vec<Candidate>>, Failure>),
     /// A station's cancel command for this charge.
     CancelRequested,
+    /// The clock cannot be trusted (a reboot without time sync, or it went backwards):
+    /// a charge not yet sent is expired rather than sent.
+    ClockInDoubt,
     /// The agent started again with this charge in its stored stage.
     Restarted,
     /// An operator resolved a `needs_attention` charge.
@@ -187,6 +238,11 @@ pub enum Effect {
         payment_id: String,
     },
     SearchPayments,
+    /// List the intents created since `from_ms` and return those with this charge's
+    /// reference (`Input::ListDone`).
+    ListIntents {
+        from_ms: i64,
+    },
     CancelRemote {
         intent_id: String,
     },
@@ -246,6 +302,10 @@ impl Charge {
             reported_unreachable: false,
             payment: None,
             intent: None,
+            first_send_ms: None,
+            sends: 0,
+            reconcile_rounds: 0,
+            search_next: false,
         }
     }
 
@@ -257,7 +317,10 @@ impl Charge {
     pub fn holds_terminal(&self) -> bool {
         matches!(
             self.stage,
-            Stage::SendBegun { .. } | Stage::Live { .. } | Stage::Confirming { .. }
+            Stage::SendBegun { .. }
+                | Stage::Reconciling { .. }
+                | Stage::Live { .. }
+                | Stage::Confirming { .. }
         ) || matches!(
             self.stage,
             Stage::NeedsAttention {
@@ -291,6 +354,89 @@ impl Charge {
         fx.push(Effect::Emit(emit));
         if held {
             fx.push(Effect::ReleaseTerminal);
+        }
+    }
+
+    /// Write ahead and create: the only place a `Create` leaves.
+    fn begin_send(&mut self, now: i64, fx: &mut Vec<Effect>) {
+        self.stage = Stage::SendBegun { at_ms: now };
+        self.first_send_ms.get_or_insert(now);
+        self.sends = self.sends.saturating_add(1);
+        self.next_at_ms = None;
+        fx.push(Effect::Create);
+    }
+
+    /// The create's outcome is unknown: find out before anything else is sent.
+    fn to_reconcile(&mut self, now: i64) {
+        self.stage = Stage::Reconciling { since_ms: now };
+        let settle = self.first_send_ms.unwrap_or(now) + Timing::RECONCILE_SETTLE_MS;
+        self.next_at_ms = Some(settle.max(now));
+    }
+
+    /// The outcome cannot be decided by the agent now: tell the station to call staff,
+    /// and keep looking.
+    fn to_attention(&mut self, intent_id: Option<String>, now: i64, fx: &mut Vec<Effect>) {
+        self.stage = Stage::NeedsAttention {
+            intent_id,
+            payment_id: None,
+            since_ms: now,
+        };
+        self.attempts = 0;
+        self.next_at_ms = Some(now + Timing::MIN_POLL_GAP_MS);
+        fx.push(Effect::Emit(Emit::state(State::NeedsAttention)));
+        if std::mem::take(&mut self.cancel_pending) {
+            fx.push(Effect::CancelAnswer(Err((
+                ErrorCode::NotCancelable,
+                "the outcome of this charge is not known yet: staff must check the terminal".into(),
+            ))));
+        }
+    }
+
+    /// Reconcile found the one intent that is ours: carry on from what it says.
+    fn adopt(&mut self, remote: RemoteCharge, ctx: &Ctx, fx: &mut Vec<Effect>) {
+        let now = ctx.now_ms;
+        let intent_id = remote.id.clone();
+        self.intent = Some(intent_id.clone());
+        self.attempts = 0;
+        self.stage = Stage::Live {
+            intent_id: intent_id.clone(),
+            remote: Remote::Open,
+            sent_ms: now,
+            cancel: CancelMark::None,
+        };
+        fx.push(Effect::Emit(Emit::state(State::Sent)));
+        let open = remote.phase == Phase::Open;
+        self.on_remote(remote, ctx, fx);
+        if std::mem::take(&mut self.cancel_pending) {
+            match &mut self.stage {
+                Stage::Live { cancel, .. } if open && *cancel == CancelMark::None => {
+                    *cancel = CancelMark::Station;
+                    fx.push(Effect::CancelRemote { intent_id });
+                    self.next_at_ms = None;
+                }
+                _ => fx.push(Effect::CancelAnswer(Err((
+                    ErrorCode::NotCancelable,
+                    "the terminal took the charge before the cancel arrived: cancel it there"
+                        .into(),
+                )))),
+            }
+        }
+    }
+
+    /// Of reconcile's candidates, the one that is certainly ours: reference (already
+    /// filtered), device, amount and time all match, and nothing else carries our
+    /// reference. `Err` when candidates exist but none is certain.
+    fn pick<'a>(&self, cands: &'a [Candidate]) -> Result<Option<&'a Candidate>, ()> {
+        let from = self.first_send_ms.unwrap_or(0) - Timing::RECONCILE_SKEW_MS;
+        match cands {
+            [] => Ok(None),
+            [c] if c.device_matches
+                && c.remote.amount == Some(self.amount)
+                && c.created_ms.is_some_and(|t| t >= from) =>
+            {
+                Ok(Some(c))
+            }
+            _ => Err(()),
         }
     }
 
@@ -379,6 +525,10 @@ impl Charge {
                 self.finish(Emit::state(State::Canceled), fx);
                 fx.push(Effect::CancelAnswer(Ok(())));
             }
+            (Stage::Queued { .. }, Input::ClockInDoubt) => {
+                self.finish(Emit::state(State::Expired), fx);
+            }
+            (_, Input::ClockInDoubt) => {}
             (Stage::Queued { .. }, _) if now >= self.deadline_ms => {
                 self.finish(Emit::state(State::Expired), fx);
             }
@@ -394,9 +544,7 @@ impl Charge {
                     // Backing off after a failure: not yet.
                     return;
                 }
-                self.stage = Stage::SendBegun { at_ms: now };
-                self.next_at_ms = None;
-                fx.push(Effect::Create);
+                self.begin_send(now, fx);
             }
             (Stage::Queued { .. }, Input::Restarted | Input::Wake) => {
                 self.next_at_ms = Some(
@@ -480,10 +628,21 @@ impl Charge {
                     fx.push(Effect::ReleaseTerminal);
                     fx.push(Effect::Emit(Emit::waiting(WaitReason::Unauthorized)));
                 }
+                Failure::Conflict if self.sends > 1 && !ctx.idempotent_create => {
+                    // A re-create after reconcile found nothing: the intent the terminal
+                    // holds may be our first create, committed late. Reconcile again.
+                    self.reconcile_rounds = self.reconcile_rounds.saturating_add(1);
+                    if self.reconcile_rounds >= Timing::RECONCILE_MAX_ROUNDS {
+                        self.to_attention(None, now, fx);
+                        return;
+                    }
+                    self.to_reconcile(now);
+                    self.next_at_ms = Some(now + Self::poll_gap_ms(ctx));
+                }
                 Failure::Conflict => {
                     // The terminal holds a queued intent that is not ours (ours would
-                    // have been a late commit of an ambiguous send, which goes to
-                    // needs_attention, not here). Wait for it to end.
+                    // have been a late commit of an ambiguous send, which reconciles,
+                    // never comes here). Wait for it to end.
                     self.attempts = self.attempts.saturating_add(1);
                     let wait = self.backoff_ms(ctx).max(ctx.timing.poll_interval_ms);
                     if now + wait >= self.deadline_ms {
@@ -517,31 +676,79 @@ impl Charge {
                 }
                 Failure::Ambiguous => {
                     // The intent may exist. Never send again blindly.
-                    self.stage = Stage::NeedsAttention {
-                        intent_id: None,
-                        payment_id: None,
-                        since_ms: now,
-                    };
-                    self.attempts = 0;
-                    self.next_at_ms = Some(now + Self::poll_gap_ms(ctx));
-                    fx.push(Effect::Emit(Emit::state(State::NeedsAttention)));
+                    if ctx.idempotent_create && now < self.deadline_ms {
+                        // Same key on the retry: it cannot make a second charge.
+                        self.attempts = self.attempts.saturating_add(1);
+                        self.next_at_ms = Some(now + self.backoff_ms(ctx));
+                    } else {
+                        self.to_reconcile(now);
+                    }
                 }
             },
             (Stage::SendBegun { .. }, Input::CancelRequested) => {
                 self.cancel_pending = true;
             }
-            (Stage::SendBegun { at_ms }, Input::Restarted) => {
+            (Stage::SendBegun { .. }, Input::Restarted) => {
                 // Crashed between the write-ahead and the answer: the intent may exist.
-                let _ = at_ms;
-                self.stage = Stage::NeedsAttention {
-                    intent_id: None,
-                    payment_id: None,
-                    since_ms: now,
-                };
-                self.next_at_ms = Some(now);
-                fx.push(Effect::Emit(Emit::state(State::NeedsAttention)));
+                if ctx.idempotent_create && now < self.deadline_ms {
+                    self.next_at_ms = Some(now);
+                } else {
+                    self.to_reconcile(now);
+                }
+            }
+            (Stage::SendBegun { .. }, Input::Wake)
+                if ctx.idempotent_create && self.next_at_ms.is_some_and(|at| at <= now) =>
+            {
+                if now < self.deadline_ms {
+                    self.begin_send(now, fx);
+                } else {
+                    self.to_reconcile(now);
+                }
             }
             (Stage::SendBegun { .. }, _) => {}
+
+            // ---- reconciling: did the create reach Mercado Pago? ----
+            (Stage::Reconciling { .. }, Input::CancelRequested) => {
+                self.cancel_pending = true;
+            }
+            (Stage::Reconciling { .. }, Input::Wake | Input::Restarted) => {
+                if self.next_at_ms.is_some_and(|at| at > now) {
+                    return;
+                }
+                self.next_at_ms = None;
+                fx.push(Effect::ListIntents {
+                    from_ms: self.first_send_ms.unwrap_or(now),
+                });
+            }
+            (Stage::Reconciling { .. }, Input::ListDone(Ok(Some(cands)))) => {
+                self.live_recovered(fx);
+                match self.pick(&cands) {
+                    Ok(Some(c)) => {
+                        let remote = c.remote.clone();
+                        self.adopt(remote, ctx, fx);
+                    }
+                    Ok(None) if std::mem::take(&mut self.cancel_pending) => {
+                        // No intent exists: the cancel is local.
+                        self.finish(Emit::state(State::Canceled), fx);
+                        fx.push(Effect::CancelAnswer(Ok(())));
+                    }
+                    Ok(None) if now >= self.deadline_ms => {
+                        // No intent exists and it is too late to send one.
+                        self.finish(Emit::state(State::Expired), fx);
+                    }
+                    Ok(None) => self.begin_send(now, fx),
+                    Err(()) => self.to_attention(None, now, fx),
+                }
+            }
+            (Stage::Reconciling { .. }, Input::ListDone(Ok(None))) => {
+                // The list is not served: nothing can be decided here.
+                self.live_recovered(fx);
+                self.to_attention(None, now, fx);
+            }
+            (Stage::Reconciling { .. }, Input::ListDone(Err(f))) => {
+                self.live_failure(&f, ctx, fx);
+            }
+            (Stage::Reconciling { .. }, _) => {}
 
             // ---- live: the intent exists ----
             (
@@ -732,8 +939,41 @@ impl Charge {
                     (None, Some(i)) => fx.push(Effect::Poll {
                         intent_id: i.clone(),
                     }),
-                    (None, None) => fx.push(Effect::SearchPayments),
+                    (None, None) => {
+                        self.search_next = !self.search_next;
+                        if self.search_next {
+                            fx.push(Effect::SearchPayments);
+                        } else {
+                            fx.push(Effect::ListIntents {
+                                from_ms: self.first_send_ms.unwrap_or(*since_ms),
+                            });
+                        }
+                    }
                 }
+            }
+            (
+                Stage::NeedsAttention {
+                    intent_id: None, ..
+                },
+                Input::ListDone(Ok(Some(cands))),
+            ) => {
+                self.live_recovered(fx);
+                match self.pick(&cands) {
+                    Ok(Some(c)) => {
+                        // Found ours: follow the intent from here (resolved by lookup).
+                        let remote = c.remote.clone();
+                        self.intent = Some(remote.id.clone());
+                        if let Stage::NeedsAttention { intent_id, .. } = &mut self.stage {
+                            *intent_id = Some(remote.id.clone());
+                        }
+                        self.step_into(Input::PollDone(Ok(remote)), ctx, fx);
+                    }
+                    _ => self.next_at_ms = Some(now + Timing::ATTENTION_LOOKUP_MS),
+                }
+            }
+            (Stage::NeedsAttention { .. }, Input::ListDone(Ok(_))) => {
+                self.live_recovered(fx);
+                self.next_at_ms = Some(now + Timing::ATTENTION_LOOKUP_MS);
             }
             (Stage::NeedsAttention { .. }, Input::PollDone(Ok(remote))) => {
                 self.live_recovered(fx);
@@ -784,7 +1024,10 @@ impl Charge {
             }
             (
                 Stage::NeedsAttention { .. },
-                Input::PollDone(Err(f)) | Input::PaymentDone(Err(f)) | Input::SearchDone(Err(f)),
+                Input::PollDone(Err(f))
+                | Input::PaymentDone(Err(f))
+                | Input::SearchDone(Err(f))
+                | Input::ListDone(Err(f)),
             ) => {
                 self.live_failure(&f, ctx, fx);
                 self.next_at_ms = self
@@ -962,3 +1205,6 @@ impl Charge {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod prop;

@@ -31,7 +31,7 @@ use crate::station::wire::{
     AgentStatus, CommandType, ErrorCode, ErrorInfo, Event, PaymentInfo, State, TerminalState,
 };
 use crate::store::{self, Outgoing, Progress, ReplyTo, Request, Store, Writes};
-use machine::{Charge, Ctx, Effect, Emit, Failure, Input, Timing};
+use machine::{Candidate, Charge, Ctx, Effect, Emit, Failure, Input, Timing};
 
 /// The wall clock, injected so tests can drive time.
 pub trait Clock: Send + Sync + 'static {
@@ -133,7 +133,15 @@ enum Op {
     Poll(String),
     Payment(String),
     Search(String),
-    Cancel { terminal: String, intent_id: String },
+    List {
+        from_ms: i64,
+        reference: String,
+        terminal: String,
+    },
+    Cancel {
+        terminal: String,
+        intent_id: String,
+    },
     Devices,
 }
 
@@ -149,6 +157,7 @@ enum ApiAnswer {
     Poll(Result<RemoteCharge, ApiError>),
     Payment(Result<Payment, ApiError>),
     Search(Result<Vec<Payment>, ApiError>),
+    List(Result<Option<Vec<Candidate>>, ApiError>),
     Cancel(Result<(), ApiError>),
     Devices(Result<Vec<Device>, ApiError>),
 }
@@ -197,6 +206,55 @@ fn failure(e: &ApiError, creating: bool) -> Failure {
             },
         },
     }
+}
+
+/// Reconcile's listing (reliability guide, steps 1–2): the intents of every UTC day from
+/// the send's day to today, and a `GET` of each created at or after the send began (less
+/// the clock skew allowance), paced by `pace`; returns those carrying `reference`.
+/// `Ok(None)` when the API does not serve the list.
+async fn reconcile_list<B: PointBackend>(
+    backend: &B,
+    from_ms: i64,
+    reference: &str,
+    terminal: &str,
+    pace: Duration,
+) -> Result<Option<Vec<Candidate>>, ApiError> {
+    let from_ms = from_ms - Timing::RECONCILE_SKEW_MS;
+    let day = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+            .map(|t| t.date())
+            .unwrap_or(time::Date::MIN)
+    };
+    let now_ms = SystemClock.now_ms();
+    let (mut date, last) = (day(from_ms), day(now_ms.max(from_ms)));
+    let mut listed = Vec::new();
+    loop {
+        match backend.list_charges_on(date).await? {
+            Some(l) => listed.extend(l),
+            None => return Ok(None),
+        }
+        match date.next_day() {
+            Some(d) if d <= last => date = d,
+            _ => break,
+        }
+    }
+    let mut found = Vec::new();
+    for l in listed {
+        // Without a readable creation time the intent is looked at anyway.
+        if l.created_unix.is_some_and(|t| t * 1000 < from_ms) {
+            continue;
+        }
+        tokio::time::sleep(pace).await;
+        let remote = backend.get_charge(&l.id).await?;
+        if remote.external_reference.as_deref() == Some(reference) {
+            found.push(Candidate {
+                device_matches: remote.terminal.as_deref() == Some(terminal),
+                created_ms: l.created_unix.map(|t| t * 1000),
+                remote,
+            });
+        }
+    }
+    Ok(Some(found))
 }
 
 /// The API's health as the status topic reports it.
@@ -391,6 +449,7 @@ impl<B: PointBackend> Engine<B> {
             now_ms: now,
             jitter: fastrand::f64(),
             timing: self.s.timing,
+            idempotent_create: self.backend.idempotent_create(),
         }
     }
 
@@ -981,6 +1040,7 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::Create(x) | ApiAnswer::Poll(x) => x.as_ref().err().cloned(),
             ApiAnswer::Payment(x) => x.as_ref().err().cloned(),
             ApiAnswer::Search(x) => x.as_ref().err().cloned(),
+            ApiAnswer::List(x) => x.as_ref().err().cloned(),
             ApiAnswer::Cancel(x) => x.as_ref().err().cloned(),
             ApiAnswer::Devices(x) => x.as_ref().err().cloned(),
         };
@@ -1012,6 +1072,14 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::Poll(res) => Input::PollDone(res.map_err(|e| failure(&e, false))),
             ApiAnswer::Payment(res) => Input::PaymentDone(res.map_err(|e| failure(&e, false))),
             ApiAnswer::Search(res) => Input::SearchDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::List(res) => {
+                match &res {
+                    Ok(Some(c)) => tracing::info!(candidates = c.len(), "reconcile listed"),
+                    Ok(None) => tracing::warn!("reconcile: the intent list is not served"),
+                    Err(e) => tracing::warn!(error = %e, "reconcile listing failed"),
+                }
+                Input::ListDone(res.map_err(|e| failure(&e, false)))
+            }
             ApiAnswer::Cancel(res) => Input::CancelDone(res.map_err(|e| failure(&e, false))),
         };
         self.apply(&r.key, input, now);
@@ -1145,6 +1213,17 @@ impl<B: PointBackend> Engine<B> {
                 self.calls.push(ApiCall {
                     key: key.to_vec(),
                     op: Op::Search(r),
+                })
+            }
+            Effect::ListIntents { from_ms } => {
+                let reference = req.external_reference.clone().unwrap_or_default();
+                self.calls.push(ApiCall {
+                    key: key.to_vec(),
+                    op: Op::List {
+                        from_ms,
+                        reference,
+                        terminal,
+                    },
                 })
             }
             Effect::CancelRemote { intent_id } => self.calls.push(ApiCall {
@@ -1334,6 +1413,8 @@ impl<B: PointBackend> Engine<B> {
             }
             let backend = self.backend.clone();
             let tx = self.api_tx.clone();
+            let pace =
+                Duration::from_millis(1_000 / u64::from(self.s.max_requests_per_second.max(1)));
             tokio::spawn(async move {
                 let answer = match call.op {
                     Op::Create(c) => {
@@ -1346,6 +1427,13 @@ impl<B: PointBackend> Engine<B> {
                     Op::Poll(id) => ApiAnswer::Poll(backend.get_charge(&id).await),
                     Op::Payment(id) => ApiAnswer::Payment(backend.get_payment(&id).await),
                     Op::Search(r) => ApiAnswer::Search(backend.search_payments(&r).await),
+                    Op::List {
+                        from_ms,
+                        reference,
+                        terminal,
+                    } => ApiAnswer::List(
+                        reconcile_list(&*backend, from_ms, &reference, &terminal, pace).await,
+                    ),
                     Op::Cancel {
                         terminal,
                         intent_id,

@@ -266,6 +266,14 @@ impl ApiError {
 /// future leaves nothing half-done on our side (the remote side may still commit: that
 /// is what `ApiError::is_ambiguous` and reconcile are for).
 pub trait PointBackend: Send + Sync + 'static {
+    /// True when `create_charge` sends `CreateCharge::idempotency_key` and the API
+    /// honours it (the Orders API): then a retry after an ambiguous failure cannot create
+    /// a second charge, and the engine retries with the same key instead of reconciling.
+    /// Payment intents have no key.
+    fn idempotent_create(&self) -> bool {
+        false
+    }
+
     /// Devices visible to the token (all pages).
     fn list_devices(&self) -> impl Future<Output = Result<Vec<Device>, ApiError>> + Send;
 

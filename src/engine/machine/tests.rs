@@ -15,6 +15,7 @@ fn ctx(now_ms: i64) -> Ctx {
         now_ms,
         jitter: 0.5,
         timing: TIMING,
+        idempotent_create: false,
     }
 }
 
@@ -89,28 +90,218 @@ fn a_charge_behind_a_busy_terminal_is_told_waiting_once() {
     assert!(c.step(Input::TerminalBusy, &ctx(2_000)).is_empty());
 }
 
-#[test]
-fn an_ambiguous_create_goes_to_needs_attention_and_is_never_resent() {
+fn candidate(amount: u64, device_matches: bool, created_ms: Option<i64>) -> Candidate {
+    let mut r = remote(Phase::Open, None);
+    r.amount = Some(Cents(amount));
+    Candidate {
+        remote: r,
+        created_ms,
+        device_matches,
+    }
+}
+
+/// A charge whose create failed ambiguously at t=2000 (sent at t=1000).
+fn ambiguous() -> Charge {
     let mut c = Charge::new(Cents(1500), 120_000);
     c.step(Input::MayStart, &ctx(1_000));
     let fx = c.step(Input::CreateDone(Err(Failure::Ambiguous)), &ctx(2_000));
-    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
-    // Even past the deadline it is not expired, and nothing creates again.
-    for t in [3_000, 130_000, 200_000] {
-        let fx = c.step(Input::Wake, &ctx(t));
+    assert!(fx.is_empty(), "reconcile is internal: {fx:?}");
+    assert!(matches!(c.stage, Stage::Reconciling { .. }));
+    c
+}
+
+fn list(c: &mut Charge, t: i64) {
+    let fx = c.step(Input::Wake, &ctx(t));
+    assert_eq!(fx, vec![Effect::ListIntents { from_ms: 1_000 }]);
+}
+
+#[test]
+fn an_ambiguous_create_reconciles_and_never_resends_before_the_list_answers() {
+    let mut c = ambiguous();
+    // Nothing leaves before the settle time; then the list, never a create.
+    assert!(c.step(Input::Wake, &ctx(2_500)).is_empty());
+    assert!(!c
+        .step(Input::MayStart, &ctx(2_500))
+        .contains(&Effect::Create));
+    list(&mut c, 3_000);
+    // The list fails: retried with backoff, still no create, even past the deadline.
+    for t in [4_000, 130_000] {
+        let fx = c.step(
+            Input::ListDone(Err(Failure::Unreachable {
+                retry_after_ms: None,
+                rate_limited: false,
+            })),
+            &ctx(t),
+        );
         assert!(!fx.contains(&Effect::Create));
         assert!(!emitted(&fx).contains(&State::Expired));
-        assert!(!c.step(Input::MayStart, &ctx(t)).contains(&Effect::Create));
+        let at = c.next_at_ms.expect("a retry is scheduled");
+        assert_eq!(
+            c.step(Input::Wake, &ctx(at)),
+            vec![Effect::ListIntents { from_ms: 1_000 }]
+        );
     }
 }
 
 #[test]
-fn a_crash_after_the_write_ahead_leads_to_needs_attention_not_a_second_create() {
+fn reconcile_adopts_the_one_matching_intent() {
+    let mut c = ambiguous();
+    list(&mut c, 3_000);
+    let fx = c.step(
+        Input::ListDone(Ok(Some(vec![candidate(1500, true, Some(1_500))]))),
+        &ctx(3_100),
+    );
+    assert_eq!(emitted(&fx), vec![State::Sent]);
+    assert!(!fx.contains(&Effect::Create));
+    assert_eq!(c.intent_id(), Some("intent-1"));
+    assert!(matches!(c.stage, Stage::Live { .. }));
+}
+
+#[test]
+fn reconcile_with_no_intent_creates_once_more_with_the_same_reference() {
+    let mut c = ambiguous();
+    list(&mut c, 3_000);
+    let fx = c.step(Input::ListDone(Ok(Some(vec![]))), &ctx(3_100));
+    assert_eq!(fx, vec![Effect::Create]);
+    assert_eq!(c.sends, 2);
+    // That re-create answered 409: ours may have committed late: reconcile again.
+    let fx = c.step(Input::CreateDone(Err(Failure::Conflict)), &ctx(3_200));
+    assert!(!fx.contains(&Effect::Create));
+    assert!(matches!(c.stage, Stage::Reconciling { .. }));
+}
+
+#[test]
+fn reconcile_with_no_intent_after_the_deadline_expires_without_sending() {
+    let mut c = ambiguous();
+    list(&mut c, 3_000);
+    let fx = c.step(Input::ListDone(Ok(Some(vec![]))), &ctx(120_000));
+    assert_eq!(emitted(&fx), vec![State::Expired]);
+    assert!(!fx.contains(&Effect::Create));
+}
+
+#[test]
+fn reconcile_that_cannot_decide_needs_attention() {
+    // Two intents with our reference, one of another amount, one on another device, one
+    // older than the send: none is adopted and nothing is created.
+    let cases = vec![
+        vec![
+            candidate(1500, true, Some(1_500)),
+            candidate(1500, true, Some(1_600)),
+        ],
+        vec![candidate(999, true, Some(1_500))],
+        vec![candidate(1500, false, Some(1_500))],
+        vec![candidate(
+            1500,
+            true,
+            Some(1_000 - Timing::RECONCILE_SKEW_MS - 1),
+        )],
+        vec![candidate(1500, true, None)],
+    ];
+    for cands in cases {
+        let mut c = ambiguous();
+        list(&mut c, 3_000);
+        let fx = c.step(Input::ListDone(Ok(Some(cands.clone()))), &ctx(3_100));
+        assert_eq!(emitted(&fx), vec![State::NeedsAttention], "{cands:?}");
+        assert!(!fx.contains(&Effect::Create));
+    }
+}
+
+#[test]
+fn reconcile_without_the_list_endpoint_needs_attention_then_keeps_looking() {
+    let mut c = ambiguous();
+    list(&mut c, 3_000);
+    let fx = c.step(Input::ListDone(Ok(None)), &ctx(3_100));
+    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+    // It alternates the payment search and the list, and never creates.
+    let mut seen = Vec::new();
+    let mut t = 3_100;
+    for _ in 0..4 {
+        t = c.next_at_ms.expect("keeps looking");
+        let fx = c.step(Input::Wake, &ctx(t));
+        assert!(!fx.contains(&Effect::Create));
+        seen.extend(fx.clone());
+        match fx.as_slice() {
+            [Effect::SearchPayments] => {
+                c.step(Input::SearchDone(Ok(vec![])), &ctx(t + 10));
+            }
+            [Effect::ListIntents { .. }] => {
+                c.step(Input::ListDone(Ok(None)), &ctx(t + 10));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(seen.contains(&Effect::SearchPayments));
+    assert!(seen.iter().any(|e| matches!(e, Effect::ListIntents { .. })));
+    // A later list that finds ours resolves it by lookup.
+    let at = c.next_at_ms.expect("keeps looking");
+    let _ = t;
+    let mut fx = c.step(Input::Wake, &ctx(at));
+    if fx == vec![Effect::SearchPayments] {
+        c.step(Input::SearchDone(Ok(vec![])), &ctx(at + 10));
+        fx = c.step(Input::Wake, &ctx(c.next_at_ms.unwrap()));
+    }
+    assert!(matches!(fx.as_slice(), [Effect::ListIntents { .. }]));
+    let mut r = remote(Phase::Canceled, None);
+    r.amount = Some(Cents(1500));
+    let fx = c.step(
+        Input::ListDone(Ok(Some(vec![Candidate {
+            remote: r,
+            created_ms: Some(1_200),
+            device_matches: true,
+        }]))),
+        &ctx(at + 100_000),
+    );
+    assert_eq!(emitted(&fx), vec![State::Canceled]);
+}
+
+#[test]
+fn a_crash_after_the_write_ahead_reconciles_not_a_second_create() {
     let mut c = Charge::new(Cents(1500), 120_000);
     c.step(Input::MayStart, &ctx(1_000));
     let fx = c.step(Input::Restarted, &ctx(5_000));
-    assert_eq!(emitted(&fx), vec![State::NeedsAttention]);
+    assert!(fx.is_empty());
+    assert!(matches!(c.stage, Stage::Reconciling { .. }));
+    assert_eq!(
+        c.step(Input::Wake, &ctx(5_000)),
+        vec![Effect::ListIntents { from_ms: 1_000 }]
+    );
+}
+
+#[test]
+fn with_an_idempotency_key_an_ambiguous_create_is_retried_with_the_same_key() {
+    let key_ctx = |t| Ctx {
+        idempotent_create: true,
+        ..ctx(t)
+    };
+    let mut c = Charge::new(Cents(1500), 120_000);
+    assert_eq!(
+        c.step(Input::MayStart, &key_ctx(1_000)),
+        vec![Effect::Create]
+    );
+    assert!(c
+        .step(Input::CreateDone(Err(Failure::Ambiguous)), &key_ctx(2_000))
+        .is_empty());
+    let at = c.next_at_ms.expect("retry scheduled");
+    assert_eq!(c.step(Input::Wake, &key_ctx(at)), vec![Effect::Create]);
+    // Past the deadline it does not retry: it reconciles.
+    c.step(
+        Input::CreateDone(Err(Failure::Ambiguous)),
+        &key_ctx(119_000),
+    );
+    let fx = c.step(Input::Wake, &key_ctx(121_000));
     assert!(!fx.contains(&Effect::Create));
+}
+
+#[test]
+fn when_the_clock_is_in_doubt_queued_charges_expire_and_sent_ones_do_not() {
+    let mut q = Charge::new(Cents(1500), 120_000);
+    assert_eq!(
+        emitted(&q.step(Input::ClockInDoubt, &ctx(1_000))),
+        vec![State::Expired]
+    );
+    let mut l = live();
+    assert!(l.step(Input::ClockInDoubt, &ctx(1_000)).is_empty());
+    assert!(matches!(l.stage, Stage::Live { .. }));
 }
 
 #[test]
@@ -327,6 +518,8 @@ fn an_operator_resolves_needs_attention() {
     let mut c = Charge::new(Cents(1500), 120_000);
     c.step(Input::MayStart, &ctx(1_000));
     c.step(Input::CreateDone(Err(Failure::Ambiguous)), &ctx(2_000));
+    c.step(Input::Wake, &ctx(3_000));
+    c.step(Input::ListDone(Ok(None)), &ctx(3_000));
     let fx = c.step(Input::Resolve { approved: true }, &ctx(3_000));
     assert_eq!(emitted(&fx), vec![State::Approved]);
     assert!(fx.iter().any(|e| matches!(
