@@ -389,3 +389,63 @@ async fn mosquitto_clients_as_the_station_get_an_approved_charge_with_exactly_on
     assert_eq!(agent.sim.creates_for(&reference), 1);
     agent.stop().await;
 }
+
+/// The create commits at Mercado Pago but its answer is lost. With the intent list
+/// served, reconcile finds the intent and adopts it: one create, `approved` as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_answer_is_reconciled_through_the_intent_list() {
+    use pointgate::sim::{Fault, FaultScope};
+    let mut w = world(AgentOpts::default()).await;
+    for (rid, fault) in [
+        ("drop-1", Fault::CommitThenDrop { remaining: Some(1) }),
+        (
+            "5xx-1",
+            Fault::CommitThen5xx {
+                status: 502,
+                remaining: Some(1),
+            },
+        ),
+    ] {
+        w.agent.sim.set_fault_scoped(FaultScope::Creates, fault);
+        w.send("kiosk-1", charge(rid, "15.00")).await;
+        let events = w.story("kiosk-1", rid).await;
+        let s = states(&events);
+        assert_eq!(
+            s.last().map(String::as_str),
+            Some("approved"),
+            "{rid}: {s:?}"
+        );
+        assert!(!s.contains(&"needs_attention".to_string()), "{rid}: {s:?}");
+        assert!(s.contains(&"sent".to_string()), "{rid}: {s:?}");
+    }
+    // Two charges, two creates that committed, and not one more.
+    let ledger = w.agent.sim.ledger();
+    assert_eq!(ledger.len(), 2, "{ledger:?}");
+    assert!(w.agent.sim.duplicated_references().is_empty());
+    w.agent.stop().await;
+}
+
+/// The same, with the list endpoints not served: the agent cannot decide, so the charge
+/// goes `needs_attention` (never a second create), then the payment search by
+/// `external_reference` finds the approved payment: `approved`, resolved by lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_answer_without_the_list_needs_attention_and_is_never_resent() {
+    use pointgate::sim::{Fault, FaultScope};
+    let mut w = world(AgentOpts::default()).await;
+    w.agent.sim.set_serve_intent_lists(false);
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::CommitThenDrop { remaining: Some(1) },
+    );
+    w.send("kiosk-1", charge("nolist-1", "15.00")).await;
+    let events = w.story("kiosk-1", "nolist-1").await;
+    let s = states(&events);
+    assert!(s.contains(&"needs_attention".to_string()), "{s:?}");
+    let last = events.last().unwrap();
+    assert_eq!(last["state"], "approved", "{s:?}");
+    assert_eq!(last["resolved_by"], "lookup");
+    assert_eq!(last["payment"]["status"], "approved");
+    assert_eq!(w.agent.sim.ledger().len(), 1);
+    assert!(w.agent.sim.duplicated_references().is_empty());
+    w.agent.stop().await;
+}
