@@ -20,7 +20,11 @@ pub const CREATE_AFTER_SEND: &str = "create_after_send";
 /// A final state is stored and synced, before its event is handed to the link.
 pub const FINAL_BEFORE_PUBLISH: &str = "final_before_publish";
 
-/// Every fail point, for tests that walk them all.
+/// Not a crash: while armed, every store write fails (a full or dead disk), so commands
+/// are refused `storage_unavailable`. Checked with `armed`, not `hit`.
+pub const STORE_WRITE_ERROR: &str = "store_write_error";
+
+/// Every crash point, for tests that walk them all.
 pub const ALL: &[&str] = &[
     COMMAND_BEFORE_STORE,
     STORED_BEFORE_ACK,
@@ -37,7 +41,7 @@ mod imp {
     static ARMED: OnceLock<Option<(String, u32)>> = OnceLock::new();
     static HITS: AtomicU32 = AtomicU32::new(0);
 
-    fn armed() -> &'static Option<(String, u32)> {
+    fn armed_spec() -> &'static Option<(String, u32)> {
         ARMED.get_or_init(|| {
             let spec = std::env::var("POINTGATE_FAILPOINT").ok()?;
             let (name, n) = match spec.split_once(':') {
@@ -48,8 +52,12 @@ mod imp {
         })
     }
 
+    pub fn armed(name: &str) -> bool {
+        armed_spec().as_ref().is_some_and(|(n, _)| n == name)
+    }
+
     pub fn hit(name: &str) {
-        if let Some((armed, n)) = armed() {
+        if let Some((armed, n)) = armed_spec() {
             if armed == name && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n {
                 eprintln!("failpoint {name}: aborting");
                 std::process::abort();
@@ -62,6 +70,19 @@ mod imp {
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     imp::hit(name)
+}
+
+/// True if this (non-crash) fail point is armed (test builds only).
+#[cfg(feature = "failpoints")]
+pub fn armed(name: &str) -> bool {
+    imp::armed(name)
+}
+
+/// True if this (non-crash) fail point is armed: never, outside test builds.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn armed(_name: &str) -> bool {
+    false
 }
 
 /// Crash here if this fail point is armed (test builds only).

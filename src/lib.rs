@@ -75,6 +75,7 @@ pub fn engine_settings(config: &Config) -> Settings {
         charge_ttl_ms: ms(config.queue.charge_ttl),
         refund_ttl_ms: ms(config.queue.refund_ttl),
         max_pending: config.queue.max_pending as usize,
+        retention_ms: ms(config.queue.retention),
         timing: Timing {
             poll_interval_ms: ms(config.point.poll_interval),
             terminal_timeout_ms: ms(config.point.terminal_timeout),
@@ -150,7 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Arc::new(SystemClock),
         link_tx,
     );
-    let resumed = engine.recover()?;
+    let resumed = engine.recover(&engine::TimeFacts::read())?;
     tracing::info!(resumed, "store open; open requests resumed");
 
     let tasks = tokio_util::task::TaskTracker::new();

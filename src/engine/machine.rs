@@ -367,7 +367,7 @@ impl Charge {
     }
 
     /// The create's outcome is unknown: find out before anything else is sent.
-    fn to_reconcile(&mut self, now: i64) {
+    fn start_reconcile(&mut self, now: i64) {
         self.stage = Stage::Reconciling { since_ms: now };
         let settle = self.first_send_ms.unwrap_or(now) + Timing::RECONCILE_SETTLE_MS;
         self.next_at_ms = Some(settle.max(now));
@@ -375,7 +375,7 @@ impl Charge {
 
     /// The outcome cannot be decided by the agent now: tell the station to call staff,
     /// and keep looking.
-    fn to_attention(&mut self, intent_id: Option<String>, now: i64, fx: &mut Vec<Effect>) {
+    fn need_attention(&mut self, intent_id: Option<String>, now: i64, fx: &mut Vec<Effect>) {
         self.stage = Stage::NeedsAttention {
             intent_id,
             payment_id: None,
@@ -633,10 +633,10 @@ impl Charge {
                     // holds may be our first create, committed late. Reconcile again.
                     self.reconcile_rounds = self.reconcile_rounds.saturating_add(1);
                     if self.reconcile_rounds >= Timing::RECONCILE_MAX_ROUNDS {
-                        self.to_attention(None, now, fx);
+                        self.need_attention(None, now, fx);
                         return;
                     }
-                    self.to_reconcile(now);
+                    self.start_reconcile(now);
                     self.next_at_ms = Some(now + Self::poll_gap_ms(ctx));
                 }
                 Failure::Conflict => {
@@ -681,7 +681,7 @@ impl Charge {
                         self.attempts = self.attempts.saturating_add(1);
                         self.next_at_ms = Some(now + self.backoff_ms(ctx));
                     } else {
-                        self.to_reconcile(now);
+                        self.start_reconcile(now);
                     }
                 }
             },
@@ -693,7 +693,7 @@ impl Charge {
                 if ctx.idempotent_create && now < self.deadline_ms {
                     self.next_at_ms = Some(now);
                 } else {
-                    self.to_reconcile(now);
+                    self.start_reconcile(now);
                 }
             }
             (Stage::SendBegun { .. }, Input::Wake)
@@ -702,7 +702,7 @@ impl Charge {
                 if now < self.deadline_ms {
                     self.begin_send(now, fx);
                 } else {
-                    self.to_reconcile(now);
+                    self.start_reconcile(now);
                 }
             }
             (Stage::SendBegun { .. }, _) => {}
@@ -737,13 +737,13 @@ impl Charge {
                         self.finish(Emit::state(State::Expired), fx);
                     }
                     Ok(None) => self.begin_send(now, fx),
-                    Err(()) => self.to_attention(None, now, fx),
+                    Err(()) => self.need_attention(None, now, fx),
                 }
             }
             (Stage::Reconciling { .. }, Input::ListDone(Ok(None))) => {
                 // The list is not served: nothing can be decided here.
                 self.live_recovered(fx);
-                self.to_attention(None, now, fx);
+                self.need_attention(None, now, fx);
             }
             (Stage::Reconciling { .. }, Input::ListDone(Err(f))) => {
                 self.live_failure(&f, ctx, fx);

@@ -50,6 +50,58 @@ impl Clock for SystemClock {
     }
 }
 
+/// What the agent knows about the clock at start (contract: time rules).
+#[derive(Debug, Clone, Default)]
+pub struct TimeFacts {
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), if readable.
+    pub boot_id: Option<String>,
+    /// The system clock is synchronised (NTP).
+    pub synchronized: bool,
+}
+
+impl TimeFacts {
+    /// Read them from the system: the boot id, and whether systemd-timesyncd (or
+    /// `timedatectl`) says the clock is synchronised.
+    pub fn read() -> TimeFacts {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let synchronized = std::path::Path::new("/run/systemd/timesync/synchronized").exists()
+            || std::process::Command::new("timedatectl")
+                .args(["show", "-p", "NTPSynchronized", "--value"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "yes");
+        TimeFacts {
+            boot_id,
+            synchronized,
+        }
+    }
+}
+
+/// Why the clock cannot be trusted for charges not yet sent, if it cannot (contract:
+/// "when in doubt, expire").
+pub fn clock_doubt(
+    facts: &TimeFacts,
+    stored_boot: Option<&str>,
+    stored_last_ms: Option<i64>,
+    now_ms: i64,
+) -> Option<&'static str> {
+    if stored_last_ms.is_some_and(|last| now_ms < last) {
+        return Some("the clock reads earlier than the store's latest record");
+    }
+    let rebooted = match (stored_boot, facts.boot_id.as_deref()) {
+        (Some(old), Some(new)) => old != new,
+        // A store from an earlier run, and no way to tell the boot: assume a reboot.
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if rebooted && !facts.synchronized {
+        return Some("the machine rebooted and the clock is not synchronised");
+    }
+    None
+}
+
 /// What the engine needs from config.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -60,6 +112,8 @@ pub struct Settings {
     pub charge_ttl_ms: i64,
     pub refund_ttl_ms: i64,
     pub max_pending: usize,
+    /// Final requests (and their ids and references) are forgotten after this.
+    pub retention_ms: i64,
     pub timing: Timing,
     pub max_requests_per_second: u32,
     pub devices_refresh: Duration,
@@ -392,6 +446,11 @@ pub struct Engine<B: PointBackend> {
     next_devices_ms: i64,
     health: ApiHealth,
     failing_since_ms: Option<i64>,
+    /// A 429's `Retry-After`: no call leaves before this.
+    paused_until_ms: i64,
+    /// The latest clock reading, to notice the clock going backwards.
+    last_now_ms: i64,
+    next_prune_ms: i64,
     published_status: Option<AgentStatus>,
     since: String,
     // the batch under way
@@ -435,6 +494,9 @@ impl<B: PointBackend> Engine<B> {
             next_devices_ms: 0,
             health: ApiHealth::Ok,
             failing_since_ms: None,
+            paused_until_ms: 0,
+            last_now_ms: now,
+            next_prune_ms: now,
             published_status: None,
             writes: Writes::default(),
             dirty: BTreeSet::new(),
@@ -453,35 +515,67 @@ impl<B: PointBackend> Engine<B> {
         }
     }
 
-    /// Load every open request and resume it.
-    pub fn recover(&mut self) -> Result<usize, store::StoreError> {
+    /// Load every open request and resume it. Charges not yet sent are expired instead
+    /// when the clock is in doubt (`clock_doubt`).
+    pub fn recover(&mut self, facts: &TimeFacts) -> Result<usize, store::StoreError> {
         let now = self.clock.now_ms();
-        let mut open = self.store.open_requests()?;
-        open.sort_by(|a, b| {
-            a.received_ms
-                .cmp(&b.received_ms)
-                .then_with(|| a.key().cmp(&b.key()))
-        });
+        let (boot, last) = self.store.last_run()?;
+        let doubt = clock_doubt(facts, boot.as_deref(), last, now);
+        if let Some(boot_id) = &facts.boot_id {
+            self.store.set_boot_id(boot_id)?;
+        }
+        let n = self.load()?;
+        if let Some(why) = doubt {
+            tracing::warn!(why, "clock in doubt: charges not yet sent are expired");
+            self.expire_unsent(now);
+        }
+        self.resume(now);
+        self.commit();
+        Ok(n)
+    }
+
+    /// Fill the in-memory view (open requests, terminal queues, cancels) from the store.
+    fn load(&mut self) -> Result<usize, store::StoreError> {
+        let open = self.store.open_requests()?;
+        let order = self.store.queue_order()?;
+        self.active.clear();
+        self.terminals.clear();
+        self.cancels.clear();
+        self.wakes.clear();
+        self.wake_of.clear();
         let n = open.len();
         for r in open {
-            let key = r.key();
-            match (&r.progress, &r.body) {
-                (Progress::Charge(ch), CommandBody::Charge(c)) => {
-                    let q = self.terminals.entry(c.terminal.clone()).or_default();
-                    if ch.holds_terminal() {
-                        q.holder = Some(key.clone());
-                    } else {
-                        q.waiting.push_back(key.clone());
-                    }
-                }
-                (Progress::Cancel { target, .. }, _) => {
-                    self.cancels
-                        .insert(store::key(&r.station, target), key.clone());
-                }
-                _ => {}
+            if let Progress::Cancel { target, .. } = &r.progress {
+                self.cancels.insert(store::key(&r.station, target), r.key());
             }
-            self.active.insert(key, r);
+            self.active.insert(r.key(), r);
         }
+        // Per terminal, in arrival order (the store's queue index).
+        for (terminal, key) in order {
+            let Some(Progress::Charge(ch)) = self.active.get(&key).map(|r| &r.progress) else {
+                continue;
+            };
+            let q = self.terminals.entry(terminal).or_default();
+            if ch.holds_terminal() {
+                q.holder = Some(key);
+            } else {
+                q.waiting.push_back(key);
+            }
+        }
+        Ok(n)
+    }
+
+    /// Expire every charge not yet sent (the clock cannot be trusted).
+    fn expire_unsent(&mut self, now: i64) {
+        let keys: Vec<Vec<u8>> = self.active.keys().cloned().collect();
+        for k in keys {
+            self.apply(&k, Input::ClockInDoubt, now);
+        }
+    }
+
+    /// Tell every loaded charge that the agent restarted, and settle cancels whose
+    /// target ended while it was down.
+    fn resume(&mut self, now: i64) {
         let keys: Vec<Vec<u8>> = self.active.keys().cloned().collect();
         for k in &keys {
             if matches!(
@@ -491,7 +585,6 @@ impl<B: PointBackend> Engine<B> {
                 self.apply(k, Input::Restarted, now);
             }
         }
-        // Cancels whose target ended while we were down.
         let cancels: Vec<(Vec<u8>, Vec<u8>)> = self
             .cancels
             .iter()
@@ -507,8 +600,6 @@ impl<B: PointBackend> Engine<B> {
                 );
             }
         }
-        self.commit();
-        Ok(n)
     }
 
     /// The engine task.
@@ -548,6 +639,15 @@ impl<B: PointBackend> Engine<B> {
                 _ = sleep => {}
             }
             let now = self.clock.now_ms();
+            if now + 1_000 < self.last_now_ms {
+                tracing::warn!(
+                    back_ms = self.last_now_ms - now,
+                    "the clock went backwards: charges not yet sent are expired"
+                );
+                self.expire_unsent(now);
+            }
+            self.last_now_ms = self.last_now_ms.max(now);
+            self.maybe_prune(now);
             self.wake_due(now);
             self.schedule_terminals(now);
             self.maybe_refresh_devices(now);
@@ -574,7 +674,7 @@ impl<B: PointBackend> Engine<B> {
             .iter()
             .any(|c| c.key.is_empty() || !self.inflight.contains(&c.key))
         {
-            next = next.min(self.bucket.next_at());
+            next = next.min(self.bucket.next_at().max(self.paused_until_ms));
         }
         next.min(self.next_devices_ms.max(now))
     }
@@ -774,9 +874,24 @@ impl<B: PointBackend> Engine<B> {
             }
             _ => {}
         }
-        // A repeat of a stored request?
-        if let Some(existing) = self.lookup(station, &cmd.request_id) {
-            if existing.body == cmd.body {
+        // A repeat of a remembered request id? (the dedup index; open ones in memory)
+        let key = store::key(station, &cmd.request_id);
+        let seen = match self.active.get(&key) {
+            Some(r) => Some(store::content_hash(&r.body)),
+            None => match self.store.dedup(station, &cmd.request_id) {
+                Ok(d) => d.map(|d| d.hash),
+                Err(e) => {
+                    tracing::error!(error = %e, "store read failed");
+                    let r = refusal(
+                        ErrorCode::StorageUnavailable,
+                        "the agent's store cannot be read; nothing was accepted".into(),
+                    );
+                    return self.refuse(station, &props, r, None, now);
+                }
+            },
+        };
+        if let (Some(hash), Some(existing)) = (seen, self.lookup(station, &cmd.request_id)) {
+            if hash == store::content_hash(&cmd.body) {
                 let out = Outgoing {
                     topic: self.topic_for(&existing),
                     payload: existing.last_event.clone(),
@@ -1045,6 +1160,14 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::Devices(x) => x.as_ref().err().cloned(),
         };
         self.note_health(ok.as_ref(), now);
+        if let Some(ra) = ok
+            .as_ref()
+            .filter(|e| e.status() == Some(429))
+            .and_then(|e| e.retry_after())
+        {
+            // Mercado Pago asked everyone to wait, not just this request.
+            self.paused_until_ms = self.paused_until_ms.max(now + ra.as_millis() as i64);
+        }
         let input = match r.answer {
             ApiAnswer::Devices(res) => {
                 match res {
@@ -1331,18 +1454,22 @@ impl<B: PointBackend> Engine<B> {
                 self.writes.requests.push(r.clone());
             }
         }
-        let writes = std::mem::take(&mut self.writes);
+        let mut writes = std::mem::take(&mut self.writes);
+        writes.now_ms = Some(self.clock.now_ms());
         if !self.replies.is_empty() {
             failpoint::hit(failpoint::COMMAND_BEFORE_STORE);
         }
         if !writes.is_empty() {
+            // Requests this batch creates (accepted just now): refused if it fails.
+            let new: Vec<Vec<u8>> = dirty
+                .iter()
+                .filter(|k| !self.store.contains(k).unwrap_or(true))
+                .cloned()
+                .collect();
             let res = self.store.write(&writes).and_then(|_| self.store.sync());
             if let Err(e) = res {
-                // Nothing of this batch is acknowledged or sent: the broker redelivers
-                // the commands, and the API calls wait for the next successful write.
-                tracing::error!(error = %e, "store write failed; nothing of this batch is acknowledged");
-                self.replies.clear();
-                self.calls.clear();
+                tracing::error!(error = %e, "store write failed; the batch's new commands are refused storage_unavailable");
+                self.storage_failed(&new);
                 return;
             }
             if dirty
@@ -1372,6 +1499,73 @@ impl<B: PointBackend> Engine<B> {
         self.api_queue.extend(self.calls.drain(..));
     }
 
+    /// A batch could not be made durable: its new commands are refused
+    /// `storage_unavailable` (published without the outbox, which cannot be written) and
+    /// acknowledged, nothing of it is sent to the API, and the in-memory view goes back
+    /// to what the store holds.
+    fn storage_failed(&mut self, new: &[Vec<u8>]) {
+        let now = self.clock.now_ms();
+        self.calls.clear();
+        for k in new {
+            let Some(r) = self.active.get(k) else {
+                continue;
+            };
+            let mut ev = Event::new(
+                Some(r.request_id.clone()),
+                Some(r.body.kind()),
+                State::Refused,
+                0,
+                rfc3339(now),
+            );
+            ev.error = Some(ErrorInfo {
+                code: ErrorCode::StorageUnavailable,
+                message: "the agent cannot write its store (disk full or failing); nothing was accepted: try again later".into(),
+            });
+            self.publishes.push(LinkPublish {
+                outbox_id: None,
+                topic: self.topic_for(r),
+                payload: ev.to_json(),
+                correlation: r.reply.as_ref().and_then(|x| x.correlation.clone()),
+                retain: false,
+            });
+            // Whatever of it reached sled's memory must not come back at the next start.
+            if let Err(e) = self.store.forget(r) {
+                tracing::error!(error = %e, "could not forget a refused request");
+            }
+        }
+        for done in self.replies.drain(..) {
+            let _ = done.send(());
+        }
+        match self.load() {
+            Ok(_) => self.resume(now),
+            Err(e) => tracing::error!(error = %e, "store read failed after a failed write"),
+        }
+    }
+
+    /// Forget final requests older than `queue.retention`, a bounded number per pass.
+    fn maybe_prune(&mut self, now: i64) {
+        if now < self.next_prune_ms {
+            return;
+        }
+        const PER_PASS: usize = 2_000;
+        match self.store.prune(now - self.s.retention_ms, PER_PASS) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(pruned = n, "requests past retention forgotten");
+                    if let Err(e) = self.store.sync() {
+                        tracing::error!(error = %e, "store sync after pruning failed");
+                    }
+                }
+                // More left: come back soon; else in an hour.
+                self.next_prune_ms = now + if n == PER_PASS { 1_000 } else { 3_600_000 };
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pruning failed");
+                self.next_prune_ms = now + 60_000;
+            }
+        }
+    }
+
     fn flush_link(&mut self) {
         if std::mem::take(&mut self.resync) {
             let _ = self.link.send(ToLink::Resync);
@@ -1394,6 +1588,9 @@ impl<B: PointBackend> Engine<B> {
 
     /// Let queued API calls leave, within the rate limit and one at a time per request.
     fn launch(&mut self, now: i64) {
+        if now < self.paused_until_ms {
+            return;
+        }
         let mut held = VecDeque::new();
         while let Some(call) = self.api_queue.pop_front() {
             if !call.key.is_empty() && self.inflight.contains(&call.key) {
@@ -1539,5 +1736,45 @@ impl<B: PointBackend> Engine<B> {
             correlation: None,
             retain: true,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(boot: &str, synchronized: bool) -> TimeFacts {
+        TimeFacts {
+            boot_id: Some(boot.into()),
+            synchronized,
+        }
+    }
+
+    #[test]
+    fn the_clock_is_in_doubt_after_a_reboot_without_time_sync() {
+        assert!(clock_doubt(&facts("b2", false), Some("b1"), Some(1_000), 2_000).is_some());
+        // Synchronised after the reboot, or the same boot: trusted.
+        assert!(clock_doubt(&facts("b2", true), Some("b1"), Some(1_000), 2_000).is_none());
+        assert!(clock_doubt(&facts("b1", false), Some("b1"), Some(1_000), 2_000).is_none());
+        // A fresh store has nothing to compare with.
+        assert!(clock_doubt(&facts("b1", false), None, None, 2_000).is_none());
+    }
+
+    #[test]
+    fn the_clock_is_in_doubt_when_it_reads_earlier_than_the_store() {
+        assert!(clock_doubt(&facts("b1", true), Some("b1"), Some(5_000), 4_999).is_some());
+        assert!(clock_doubt(&facts("b1", true), Some("b1"), Some(5_000), 5_000).is_none());
+    }
+
+    #[test]
+    fn derived_references_are_stable_distinct_and_in_the_contract_charset() {
+        let a = derived_reference("s", "k1", "r1");
+        assert_eq!(a, derived_reference("s", "k1", "r1"));
+        assert_ne!(a, derived_reference("s", "k1", "r2"));
+        assert_ne!(a, derived_reference("s", "k1r", "1"));
+        assert!(a.len() <= 64);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
     }
 }

@@ -8,13 +8,22 @@
 //! | tree       | key                                  | value |
 //! |------------|--------------------------------------|-------|
 //! | `requests` | `<station> 0x00 <request_id>`        | `Record` (postcard) |
+//! | `dedup`    | the request's key                    | `DedupEntry` (postcard): SHA-256 of the normalised command, received time |
+//! | `queue`    | `<terminal> 0x00 <received_ms u64 BE> <request key>` | empty: the per-terminal order of open charges |
+//! | `done`     | `<final_ms u64 BE> <request key>`    | empty: final requests by end time (retention, republish) |
 //! | `refs`     | `external_reference` (UTF-8)         | the owning request's key |
 //! | `outbox`   | outbox id, u64 big-endian            | `OutboxEntry` (postcard) |
 //! | `meta`     | `b"format"`                          | `FORMAT_VERSION` as one byte |
+//! | `meta`     | `b"boot_id"`                         | the kernel boot id the agent last ran under (UTF-8) |
+//! | `meta`     | `b"last_ms"`                         | the latest wall-clock time a batch was written at, i64 BE |
 //!
 //! Station and request ids never contain 0x00 (validation allows `A-Za-z0-9._:-` only),
 //! so the key is unambiguous. Outbox ids grow monotonically, so iterating the outbox
 //! replays events in the order they were recorded, hence in `seq` order per request.
+//! `dedup`, `queue` and `done` are indexes kept by `Store::write` in the same transaction
+//! as the request they index: a request's first write adds its `dedup` and (for a charge)
+//! `queue` entries; its final write removes the `queue` entry and adds the `done` entry.
+//! `Store::prune` removes a request with all its index entries and its reference.
 //!
 //! Records are postcard, which is not self-describing: every value is an enum whose
 //! variant index is its version (`Record::V1`, `OutboxEntry::V1`). **Migration rule:** a
@@ -74,6 +83,9 @@ pub struct ReplyTo {
 }
 
 /// What a stored request is doing.
+// One per request, and most are charges: boxing the big variant would cost an allocation
+// per request to save bytes on the rare cancel.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Progress {
     Charge(Charge),
@@ -146,6 +158,56 @@ enum Record {
     V1(RequestV1),
 }
 
+/// What the dedup index remembers of a request: enough to answer a repeat of its
+/// `request_id` (same content, or `conflict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dedup {
+    /// SHA-256 of the normalised command (`content_hash`).
+    pub hash: [u8; 32],
+    pub received_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum DedupEntry {
+    V1(Dedup),
+}
+
+/// SHA-256 of a normalised command: two commands are "the same content" (contract:
+/// repeats) exactly when their hashes are equal. The body is validated and normalised
+/// (`"15"` = `"15.00"`, defaults filled in) before it is hashed.
+pub fn content_hash(body: &CommandBody) -> [u8; 32] {
+    // A plain serde tree of strings, numbers and options: JSON encoding cannot fail.
+    let json = serde_json::to_vec(body).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &json);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The terminal a request occupies while it is open, if it queues on one.
+fn terminal_of(body: &CommandBody) -> Option<&str> {
+    match body {
+        CommandBody::Charge(c) => Some(&c.terminal),
+        _ => None,
+    }
+}
+
+fn queue_key(terminal: &str, received_ms: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(terminal.len() + 9 + key.len());
+    k.extend_from_slice(terminal.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&(received_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+fn done_key(final_ms: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&(final_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
 /// An event waiting for the broker's PUBACK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outgoing {
@@ -206,6 +268,8 @@ pub struct Writes {
     pub requests: Vec<Request>,
     pub refs: Vec<(String, Vec<u8>)>,
     pub outbox: Vec<(u64, Outgoing)>,
+    /// The wall-clock time of this batch (kept in `meta` for the clock check at start).
+    pub now_ms: Option<i64>,
 }
 
 impl Writes {
@@ -220,7 +284,13 @@ pub struct Store {
     requests: sled::Tree,
     refs: sled::Tree,
     outbox: sled::Tree,
+    dedup: sled::Tree,
+    queue: sled::Tree,
+    done: sled::Tree,
+    meta: sled::Tree,
     data_file: File,
+    /// Test builds: writes fail (fail point `store_write_error`), as on a full or dead disk.
+    fail_writes: bool,
     next_outbox: AtomicU64,
 }
 
@@ -254,6 +324,9 @@ impl Store {
         let requests = db.open_tree("requests")?;
         let refs = db.open_tree("refs")?;
         let outbox = db.open_tree("outbox")?;
+        let dedup = db.open_tree("dedup")?;
+        let queue = db.open_tree("queue")?;
+        let done = db.open_tree("done")?;
         let next = match outbox.last()? {
             Some((k, _)) => u64_from_key(&k) + 1,
             None => 1,
@@ -265,7 +338,12 @@ impl Store {
             requests,
             refs,
             outbox,
+            dedup,
+            queue,
+            done,
+            meta,
             data_file,
+            fail_writes: crate::failpoint::armed(crate::failpoint::STORE_WRITE_ERROR),
             next_outbox: AtomicU64::new(next),
         })
     }
@@ -294,6 +372,109 @@ impl Store {
             .map(|v| v.to_vec()))
     }
 
+    /// The dedup entry of a request id, if it is remembered.
+    pub fn dedup(&self, station: &str, request_id: &str) -> Result<Option<Dedup>, StoreError> {
+        match self.dedup.get(key(station, request_id))? {
+            Some(bytes) => {
+                let e: DedupEntry =
+                    postcard::from_bytes(&bytes).map_err(|source| StoreError::Decode {
+                        what: "dedup",
+                        source,
+                    })?;
+                let DedupEntry::V1(d) = e;
+                Ok(Some(d))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The open charges of every terminal in arrival order: `(terminal, request key)`.
+    pub fn queue_order(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.queue.iter() {
+            let (k, _) = item?;
+            if let Some(zero) = k.iter().position(|b| *b == 0) {
+                if k.len() >= zero + 9 {
+                    let terminal = String::from_utf8_lossy(&k[..zero]).into_owned();
+                    out.push((terminal, k[zero + 9..].to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The boot id and wall-clock time of the agent's last run, as stored.
+    pub fn last_run(&self) -> Result<(Option<String>, Option<i64>), StoreError> {
+        let boot = self
+            .meta
+            .get(b"boot_id")?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let last = self.meta.get(b"last_ms")?.and_then(|v| {
+            let b: [u8; 8] = v.as_ref().try_into().ok()?;
+            Some(i64::from_be_bytes(b))
+        });
+        Ok((boot, last))
+    }
+
+    /// Remember the boot id of this run (durable with the next `sync`).
+    pub fn set_boot_id(&self, boot_id: &str) -> Result<(), StoreError> {
+        self.meta.insert(b"boot_id", boot_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Remove up to `limit` final requests that ended before `before_ms`, with their
+    /// index entries and references (`queue.retention`). Returns how many went. Not
+    /// durable until the next `sync`; a crash halfway leaves some to the next pass.
+    pub fn prune(&self, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let end = (before_ms.max(0) as u64).to_be_bytes();
+        let mut n = 0;
+        for item in self.done.range(..end.as_slice()).take(limit) {
+            let (dk, _) = item?;
+            let rkey = &dk[8..];
+            if let Some(bytes) = self.requests.get(rkey)? {
+                if let Ok(r) = decode_request(&bytes) {
+                    if let Some(reference) = &r.external_reference {
+                        if self.refs.get(reference.as_bytes())?.as_deref() == Some(rkey) {
+                            self.refs.remove(reference.as_bytes())?;
+                        }
+                    }
+                }
+            }
+            self.requests.remove(rkey)?;
+            self.dedup.remove(rkey)?;
+            self.done.remove(&dk)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// True if a request with this key is stored.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.requests.contains_key(key)?)
+    }
+
+    /// Remove a request that was never durably accepted, with its index entries and
+    /// reference (after a failed write).
+    pub fn forget(&self, r: &Request) -> Result<(), StoreError> {
+        let k = r.key();
+        self.requests.remove(&k)?;
+        self.dedup.remove(&k)?;
+        if let Some(t) = terminal_of(&r.body) {
+            self.queue.remove(queue_key(t, r.received_ms, &k))?;
+        }
+        if let Some(reference) = &r.external_reference {
+            if self.refs.get(reference.as_bytes())?.as_deref() == Some(k.as_slice()) {
+                self.refs.remove(reference.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of stored requests (open and final).
+    pub fn request_count(&self) -> usize {
+        self.requests.len()
+    }
+
     /// Every request that is not final (for recovery at start).
     pub fn open_requests(&self) -> Result<Vec<Request>, StoreError> {
         let mut out = Vec::new();
@@ -310,11 +491,11 @@ impl Store {
     /// Requests that ended at or after `since_ms` (republished after a session loss).
     pub fn recent_final(&self, since_ms: i64) -> Result<Vec<Request>, StoreError> {
         let mut out = Vec::new();
-        for item in self.requests.iter() {
-            let (_, v) = item?;
-            let r = decode_request(&v)?;
-            if r.final_ms.is_some_and(|f| f >= since_ms) {
-                out.push(r);
+        let start = (since_ms.max(0) as u64).to_be_bytes();
+        for item in self.done.range(start.as_slice()..) {
+            let (dk, _) = item?;
+            if let Some(v) = self.requests.get(&dk[8..])? {
+                out.push(decode_request(&v)?);
             }
         }
         Ok(out)
@@ -325,9 +506,34 @@ impl Store {
         if w.is_empty() {
             return Ok(());
         }
+        if self.fail_writes {
+            return Err(StoreError::Sync(std::io::Error::other(
+                "fail point store_write_error",
+            )));
+        }
         let mut reqs = Vec::with_capacity(w.requests.len());
+        // Index entries: (tree, key, value or None to remove).
+        let mut index: Vec<(u8, Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for r in &w.requests {
-            reqs.push((r.key(), encode_request(r)?));
+            let k = r.key();
+            if !self.requests.contains_key(&k)? {
+                let d = DedupEntry::V1(Dedup {
+                    hash: content_hash(&r.body),
+                    received_ms: r.received_ms,
+                });
+                let bytes = postcard::to_stdvec(&d).map_err(StoreError::Encode)?;
+                index.push((0, k.clone(), Some(bytes)));
+                if let (Some(t), None) = (terminal_of(&r.body), r.final_ms) {
+                    index.push((1, queue_key(t, r.received_ms, &k), Some(Vec::new())));
+                }
+            }
+            if let Some(f) = r.final_ms {
+                if let Some(t) = terminal_of(&r.body) {
+                    index.push((1, queue_key(t, r.received_ms, &k), None));
+                }
+                index.push((2, done_key(f, &k), Some(Vec::new())));
+            }
+            reqs.push((k, encode_request(r)?));
         }
         let mut outs = Vec::with_capacity(w.outbox.len());
         for (id, o) in &w.outbox {
@@ -336,10 +542,33 @@ impl Store {
             outs.push((id.to_be_bytes(), bytes));
         }
         use sled::Transactional;
-        (&self.requests, &self.refs, &self.outbox)
-            .transaction(|(rt, ft, ot)| {
+        let last_ms = w.now_ms.map(|t| t.to_be_bytes());
+        (
+            &self.requests,
+            &self.refs,
+            &self.outbox,
+            &self.dedup,
+            &self.queue,
+            &self.done,
+            &self.meta,
+        )
+            .transaction(|(rt, ft, ot, dt, qt, nt, mt)| {
                 for (k, v) in &reqs {
                     rt.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (tree, k, v) in &index {
+                    let t = match tree {
+                        0 => dt,
+                        1 => qt,
+                        _ => nt,
+                    };
+                    match v {
+                        Some(v) => t.insert(k.as_slice(), v.as_slice())?,
+                        None => t.remove(k.as_slice())?,
+                    };
+                }
+                if let Some(ms) = &last_ms {
+                    mt.insert(b"last_ms".as_slice(), ms.as_slice())?;
                 }
                 for (r, k) in &w.refs {
                     ft.insert(r.as_bytes(), k.as_slice())?;
@@ -449,6 +678,7 @@ mod tests {
                     },
                 )],
                 requests: vec![r],
+                now_ms: Some(1),
             };
             store.write(&w).unwrap();
             store.sync().unwrap();
@@ -487,6 +717,7 @@ mod tests {
                         correlation: Some(vec![9]),
                     },
                 )],
+                now_ms: None,
             })
             .unwrap();
         store.outbox_remove(id).unwrap();
@@ -514,5 +745,73 @@ mod tests {
             Err(StoreError::TooNew { found }) => assert_eq!(found, FORMAT_VERSION + 1),
             other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    fn indexes_follow_a_request_from_accepted_to_final_and_pruning_forgets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut a = charge_request("a");
+        a.received_ms = 2_000;
+        let mut b = charge_request("b");
+        b.received_ms = 1_000;
+        let write = |reqs: Vec<Request>| {
+            store
+                .write(&Writes {
+                    refs: reqs
+                        .iter()
+                        .map(|r| (format!("ref-{}", r.request_id), r.key()))
+                        .collect(),
+                    requests: reqs,
+                    outbox: vec![],
+                    now_ms: Some(9_000),
+                })
+                .unwrap()
+        };
+        write(vec![a.clone(), b.clone()]);
+        // Queue order is arrival order, whatever the key order.
+        let order: Vec<Vec<u8>> = store
+            .queue_order()
+            .unwrap()
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
+        assert_eq!(order, vec![b.key(), a.key()]);
+        let d = store.dedup("kiosk-1", "a").unwrap().expect("remembered");
+        assert_eq!(d.hash, content_hash(&a.body));
+        assert_eq!(d.received_ms, 2_000);
+        // b ends: out of the queue, into `done`.
+        b.final_ms = Some(5_000);
+        write(vec![b.clone()]);
+        let order: Vec<Vec<u8>> = store
+            .queue_order()
+            .unwrap()
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
+        assert_eq!(order, vec![a.key()]);
+        assert_eq!(store.recent_final(4_000).unwrap().len(), 1);
+        assert_eq!(store.recent_final(6_000).unwrap().len(), 0);
+        // Pruning before its end keeps it; after, forgets it, its id and its reference.
+        assert_eq!(store.prune(5_000, 100).unwrap(), 0);
+        assert_eq!(store.prune(5_001, 100).unwrap(), 1);
+        assert!(store.get("kiosk-1", "b").unwrap().is_none());
+        assert!(store.dedup("kiosk-1", "b").unwrap().is_none());
+        assert!(store.ref_owner("ref-b").unwrap().is_none());
+        // The open one is untouched.
+        assert!(store.get("kiosk-1", "a").unwrap().is_some());
+        assert_eq!(store.ref_owner("ref-a").unwrap(), Some(a.key()));
+        assert_eq!(store.last_run().unwrap().1, Some(9_000));
+    }
+
+    #[test]
+    fn the_content_hash_tells_same_content_from_other_content() {
+        let a = charge_request("x");
+        let mut b = charge_request("x");
+        assert_eq!(content_hash(&a.body), content_hash(&b.body));
+        if let CommandBody::Charge(c) = &mut b.body {
+            c.amount = crate::money::Cents(c.amount.0 + 1);
+        }
+        assert_ne!(content_hash(&a.body), content_hash(&b.body));
     }
 }
