@@ -392,10 +392,8 @@ impl Charge {
         }
     }
 
-    /// Reconcile found the one intent that is ours: carry on from what it says.
-    fn adopt(&mut self, remote: RemoteCharge, ctx: &Ctx, fx: &mut Vec<Effect>) {
-        let now = ctx.now_ms;
-        let intent_id = remote.id.clone();
+    /// The intent exists (created, or found by reconcile): the station hears `sent`.
+    fn go_live(&mut self, intent_id: String, now: i64, fx: &mut Vec<Effect>) -> String {
         self.intent = Some(intent_id.clone());
         self.attempts = 0;
         self.stage = Stage::Live {
@@ -405,6 +403,13 @@ impl Charge {
             cancel: CancelMark::None,
         };
         fx.push(Effect::Emit(Emit::state(State::Sent)));
+        intent_id
+    }
+
+    /// Reconcile found the one intent that is ours: carry on from what it says.
+    fn adopt(&mut self, remote: RemoteCharge, ctx: &Ctx, fx: &mut Vec<Effect>) {
+        let now = ctx.now_ms;
+        let intent_id = self.go_live(remote.id.clone(), now, fx);
         let open = remote.phase == Phase::Open;
         self.on_remote(remote, ctx, fx);
         if std::mem::take(&mut self.cancel_pending) {
@@ -557,16 +562,7 @@ impl Charge {
 
             // ---- send begun: the create is out ----
             (Stage::SendBegun { .. }, Input::CreateDone(Ok(remote))) => {
-                self.attempts = 0;
-                let intent_id = remote.id.clone();
-                self.intent = Some(intent_id.clone());
-                self.stage = Stage::Live {
-                    intent_id: intent_id.clone(),
-                    remote: Remote::Open,
-                    sent_ms: now,
-                    cancel: CancelMark::None,
-                };
-                fx.push(Effect::Emit(Emit::state(State::Sent)));
+                let intent_id = self.go_live(remote.id, now, fx);
                 if std::mem::take(&mut self.cancel_pending) {
                     if let Stage::Live { cancel, .. } = &mut self.stage {
                         *cancel = CancelMark::Station;

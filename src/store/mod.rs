@@ -238,11 +238,16 @@ fn encode_request(r: &Request) -> Result<Vec<u8>, StoreError> {
     postcard::to_stdvec(&rec).map_err(StoreError::Encode)
 }
 
+/// Decode one postcard record, naming what it was in the error.
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
 fn decode_request(bytes: &[u8]) -> Result<Request, StoreError> {
-    let rec: Record = postcard::from_bytes(bytes).map_err(|source| StoreError::Decode {
-        what: "request",
-        source,
-    })?;
+    let rec: Record = decode(bytes, "request")?;
     match rec {
         Record::V1(v) => {
             let body = serde_json::from_slice(&v.body_json).map_err(StoreError::DecodeBody)?;
@@ -376,12 +381,7 @@ impl Store {
     pub fn dedup(&self, station: &str, request_id: &str) -> Result<Option<Dedup>, StoreError> {
         match self.dedup.get(key(station, request_id))? {
             Some(bytes) => {
-                let e: DedupEntry =
-                    postcard::from_bytes(&bytes).map_err(|source| StoreError::Decode {
-                        what: "dedup",
-                        source,
-                    })?;
-                let DedupEntry::V1(d) = e;
+                let DedupEntry::V1(d) = decode(&bytes, "dedup")?;
                 Ok(Some(d))
             }
             None => Ok(None),
@@ -599,12 +599,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.outbox.iter() {
             let (k, v) = item?;
-            let entry: OutboxEntry =
-                postcard::from_bytes(&v).map_err(|source| StoreError::Decode {
-                    what: "outbox",
-                    source,
-                })?;
-            let OutboxEntry::V1(o) = entry;
+            let OutboxEntry::V1(o) = decode(&v, "outbox")?;
             out.push((u64_from_key(&k), o));
         }
         Ok(out)
