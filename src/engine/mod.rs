@@ -13,6 +13,8 @@
 //! API calls go through one token bucket (`point.max_requests_per_second`).
 
 pub mod machine;
+pub mod refund;
+mod refunds;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -135,6 +137,7 @@ enum Op {
     Search(String),
     Cancel { terminal: String, intent_id: String },
     Devices,
+    Refund(refunds::RefundOp),
 }
 
 #[derive(Debug)]
@@ -151,6 +154,7 @@ enum ApiAnswer {
     Search(Result<Vec<Payment>, ApiError>),
     Cancel(Result<(), ApiError>),
     Devices(Result<Vec<Device>, ApiError>),
+    Refund(refunds::RefundAnswer),
 }
 
 #[derive(Debug)]
@@ -419,6 +423,9 @@ impl<B: PointBackend> Engine<B> {
                     self.cancels
                         .insert(store::key(&r.station, target), key.clone());
                 }
+                (Progress::Refund(rf), _) => {
+                    refunds::queue_on_recover(&mut self.terminals, &key, rf)
+                }
                 _ => {}
             }
             self.active.insert(key, r);
@@ -427,7 +434,7 @@ impl<B: PointBackend> Engine<B> {
         for k in &keys {
             if matches!(
                 self.active.get(k).map(|r| &r.progress),
-                Some(Progress::Charge(_))
+                Some(Progress::Charge(_) | Progress::Refund(_))
             ) {
                 self.apply(k, Input::Restarted, now);
             }
@@ -751,13 +758,7 @@ impl<B: PointBackend> Engine<B> {
             CommandBody::Cancel { target } => {
                 self.accept_cancel(station, &cmd, &target, props, now)
             }
-            CommandBody::Refund(_) => {
-                let r = refusal(
-                    ErrorCode::BadField,
-                    "refunds are not available in this version of the agent".into(),
-                );
-                self.refuse(station, &props, r, None, now);
-            }
+            CommandBody::Refund(r) => self.accept_refund(station, &cmd, r, props, now),
             CommandBody::Query { .. } | CommandBody::Terminals => {}
         }
     }
@@ -897,6 +898,9 @@ impl<B: PointBackend> Engine<B> {
             );
             return self.refuse(station, &props, r, None, now);
         };
+        if matches!(t.progress, Progress::Refund(_)) {
+            return self.accept_refund_cancel(station, cmd, &t, props, now);
+        }
         let Progress::Charge(ch) = &t.progress else {
             let r = refusal(
                 ErrorCode::UnknownTarget,
@@ -983,6 +987,7 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::Search(x) => x.as_ref().err().cloned(),
             ApiAnswer::Cancel(x) => x.as_ref().err().cloned(),
             ApiAnswer::Devices(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Refund(x) => x.error().cloned(),
         };
         self.note_health(ok.as_ref(), now);
         let input = match r.answer {
@@ -1013,6 +1018,7 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::Payment(res) => Input::PaymentDone(res.map_err(|e| failure(&e, false))),
             ApiAnswer::Search(res) => Input::SearchDone(res.map_err(|e| failure(&e, false))),
             ApiAnswer::Cancel(res) => Input::CancelDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Refund(a) => return self.on_refund_answer(&r.key, a, now),
         };
         self.apply(&r.key, input, now);
     }
@@ -1081,6 +1087,9 @@ impl<B: PointBackend> Engine<B> {
 
     /// Apply one input to a charge, then act on its effects.
     fn apply(&mut self, key: &[u8], input: Input, now: i64) {
+        if let Some(Progress::Refund(_)) = self.active.get(key).map(|r| &r.progress) {
+            return self.apply_to_refund(key, input, now);
+        }
         let ctx = self.ctx(now);
         let Some(req) = self.active.get_mut(key) else {
             return;
@@ -1203,6 +1212,9 @@ impl<B: PointBackend> Engine<B> {
                 });
             }
         }
+        if let Progress::Refund(rf) = &req.progress {
+            rf.decorate(&mut ev);
+        }
         ev.reason = em.reason;
         ev.error = em.error.map(|(code, message)| ErrorInfo { code, message });
         ev.resolved_by = em.resolved_by;
@@ -1224,6 +1236,7 @@ impl<B: PointBackend> Engine<B> {
         }
         let at = match self.active.get(key).map(|r| &r.progress) {
             Some(Progress::Charge(ch)) => ch.next_at_ms,
+            Some(Progress::Refund(rf)) => rf.next_at_ms,
             _ => None,
         };
         if let Some(at) = at {
@@ -1351,6 +1364,7 @@ impl<B: PointBackend> Engine<B> {
                         intent_id,
                     } => ApiAnswer::Cancel(backend.cancel_charge(&terminal, &intent_id).await),
                     Op::Devices => ApiAnswer::Devices(backend.list_devices().await),
+                    Op::Refund(op) => ApiAnswer::Refund(op.run(backend.as_ref()).await),
                 };
                 let _ = tx.send(ApiResult {
                     key: call.key,
@@ -1410,7 +1424,7 @@ impl<B: PointBackend> Engine<B> {
         let pending = self
             .active
             .values()
-            .filter(|r| matches!(r.progress, Progress::Charge(_)))
+            .filter(|r| matches!(r.progress, Progress::Charge(_) | Progress::Refund(_)))
             .count() as u64;
         let oldest = self
             .active

@@ -12,6 +12,10 @@
 //! | `outbox`   | outbox id, u64 big-endian            | `OutboxEntry` (postcard) |
 //! | `meta`     | `b"format"`                          | `FORMAT_VERSION` as one byte |
 //!
+//! `Progress` (inside `RequestV1`) is a postcard enum too: its variants, in order, are
+//! `Charge(machine::Charge)`, `Cancel { target, done }`, `Refund(refund::Refund)`; new
+//! kinds of request are appended, never inserted.
+//!
 //! Station and request ids never contain 0x00 (validation allows `A-Za-z0-9._:-` only),
 //! so the key is unambiguous. Outbox ids grow monotonically, so iterating the outbox
 //! replays events in the order they were recorded, hence in `seq` order per request.
@@ -38,6 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::machine::Charge;
+use crate::engine::refund::Refund;
 use crate::station::validate::CommandBody;
 
 /// The on-disk format version written in `meta`.
@@ -73,7 +78,7 @@ pub struct ReplyTo {
     pub correlation: Option<Vec<u8>>,
 }
 
-/// What a stored request is doing.
+/// What a stored request is doing. The variant order is the format: append only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Progress {
     Charge(Charge),
@@ -82,6 +87,8 @@ pub enum Progress {
         target: String,
         done: bool,
     },
+    /// A refund of a charge of the same station (`CommandBody::Refund` names it).
+    Refund(Refund),
 }
 
 /// One stored request: a command the agent accepted, and where it stands.
@@ -303,6 +310,18 @@ impl Store {
             if !r.is_final() {
                 out.push(r);
             }
+        }
+        Ok(out)
+    }
+
+    /// Every stored request of one station (a refund sums the refunds of its charge).
+    pub fn station_requests(&self, station: &str) -> Result<Vec<Request>, StoreError> {
+        let mut prefix = station.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.requests.scan_prefix(prefix) {
+            let (_, v) = item?;
+            out.push(decode_request(&v)?);
         }
         Ok(out)
     }
