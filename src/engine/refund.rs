@@ -294,10 +294,20 @@ impl Refund {
     /// Apply one input. Returns the effects, in order.
     pub fn step(&mut self, input: Input, ctx: &Ctx) -> Vec<Effect> {
         let mut fx = Vec::new();
+        let asked = self.cancel_pending
+            || matches!(
+                self.stage,
+                Stage::Live {
+                    cancel: CancelMark::Station,
+                    ..
+                }
+            );
         self.step_into(input, ctx, &mut fx);
         if self.is_final() {
             self.next_at_ms = None;
-            if std::mem::take(&mut self.cancel_pending) {
+            self.cancel_pending = false;
+            let answered = fx.iter().any(|e| matches!(e, Effect::CancelAnswer(_)));
+            if asked && !answered {
                 fx.push(not_cancelable("the refund ended first"));
             }
         }
@@ -599,6 +609,10 @@ impl Refund {
                 }
             }
             (Stage::Live { .. }, _) => {}
+            // A cancel answer after the intent moved on (a poll saw it end first).
+            (Stage::Checking { .. } | Stage::NeedsAttention { .. }, Input::CancelDone(_)) => {
+                fx.push(not_cancelable("the refund moved on before the cancel"));
+            }
 
             // ---- terminal: FINISHED, check the payment ----
             (Stage::Checking { .. }, Input::CancelRequested) => {

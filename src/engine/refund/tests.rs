@@ -698,3 +698,24 @@ fn a_stored_refund_reads_back_the_same_in_every_stage() {
         assert_eq!(back, p);
     }
 }
+
+#[test]
+fn a_station_cancel_is_answered_even_when_the_intent_ends_otherwise() {
+    // The terminal reports an error while the cancel is under way.
+    let mut r = terminal_live();
+    r.step(Input::CancelRequested, &ctx(2_000));
+    let fx = r.step(Input::PollDone(Ok(remote(Phase::Error))), &ctx(2_100));
+    assert_eq!(emitted(&fx), vec![State::Failed]);
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::CancelAnswer(Err((ErrorCode::NotCancelable, _))))));
+    // The intent ended before the cancel's answer came back.
+    let mut r = terminal_live();
+    r.step(Input::CancelRequested, &ctx(2_000));
+    r.step(Input::PollDone(Ok(remote(Phase::Ended))), &ctx(2_100));
+    let fx = r.step(Input::CancelDone(Err(Failure::Conflict)), &ctx(2_200));
+    assert!(matches!(
+        fx.as_slice(),
+        [Effect::CancelAnswer(Err((ErrorCode::NotCancelable, _)))]
+    ));
+}
