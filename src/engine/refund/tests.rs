@@ -719,3 +719,125 @@ fn a_station_cancel_is_answered_even_when_the_intent_ends_otherwise() {
         [Effect::CancelAnswer(Err((ErrorCode::NotCancelable, _)))]
     ));
 }
+
+// ---- random sequences against the invariants ----
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn input(kind: u8) -> Input {
+        let ok = |s: &str| Input::SendDone(Ok(answer(s)));
+        match kind {
+            0 => Input::Wake,
+            1 => Input::MayStart,
+            2 => Input::TerminalBusy,
+            3 => Input::Restarted,
+            4 => Input::CancelRequested,
+            5 => ok("approved"),
+            6 => ok("pending"),
+            7 => ok("rejected"),
+            8 => Input::SendDone(Err(unreachable())),
+            9 => Input::SendDone(Err(Failure::Ambiguous)),
+            10 => Input::SendDone(Err(Failure::Unauthorized)),
+            11 => Input::SendDone(Err(Failure::Conflict)),
+            12 => Input::CreateDone(Ok(remote(Phase::Open))),
+            13 => Input::CreateDone(Err(unreachable())),
+            14 => Input::CreateDone(Err(Failure::Conflict)),
+            15 => Input::CreateDone(Err(Failure::Ambiguous)),
+            16 => Input::PollDone(Ok(remote(Phase::OnTerminal))),
+            17 => Input::PollDone(Ok(remote(Phase::Ended))),
+            18 => Input::PollDone(Ok(remote(Phase::Canceled))),
+            19 => Input::PollDone(Ok(remote(Phase::Abandoned))),
+            20 => Input::PollDone(Ok(remote(Phase::Open))),
+            21 => Input::PollDone(Err(unreachable())),
+            22 => Input::CancelDone(Ok(())),
+            23 => Input::CancelDone(Err(Failure::Conflict)),
+            24 => Input::PaymentDone(Ok(payment("refunded", 1500))),
+            25 => Input::PaymentDone(Ok(payment("approved", 0))),
+            _ => Input::PaymentDone(Err(unreachable())),
+        }
+    }
+
+    fn check(via_terminal: bool, steps: &[(u8, i64)]) -> Result<(), TestCaseError> {
+        let deadline = 60_000;
+        let mut r = if via_terminal {
+            terminal(deadline)
+        } else {
+            api(1500, deadline)
+        };
+        let mut now = 1_000;
+        // A create (terminal) that has not been proven to have left nothing behind.
+        let mut create_out = false;
+        let mut may_exist = false;
+        let mut finals = 0;
+        for (kind, dt) in steps {
+            now += dt;
+            let inp = input(*kind);
+            let was_queued = r.stage == Stage::Queued;
+            let was_final = r.is_final();
+            let fx = r.step(inp.clone(), &ctx(now));
+            let states = emitted(&fx);
+            if was_final {
+                prop_assert!(states.is_empty(), "events after the end: {states:?}");
+            }
+            finals += states.iter().filter(|s| s.is_final()).count();
+            prop_assert!(finals <= 1);
+            for e in &fx {
+                match e {
+                    Effect::Create | Effect::Send if was_queued => {
+                        prop_assert!(now < deadline, "a first send after the deadline");
+                    }
+                    _ => {}
+                }
+                if *e == Effect::Create {
+                    prop_assert!(!create_out, "a second create while one may exist");
+                    create_out = true;
+                }
+            }
+            match &inp {
+                Input::CreateDone(Err(
+                    Failure::Unreachable { .. } | Failure::Unauthorized | Failure::Conflict,
+                )) if matches!(r.stage, Stage::Queued | Stage::Done { .. }) => {
+                    create_out = false;
+                }
+                Input::SendDone(Ok(_) | Err(Failure::Ambiguous | Failure::Conflict))
+                    if !via_terminal && !was_final && !was_queued =>
+                {
+                    may_exist = true;
+                }
+                Input::Restarted if r.may_exist => may_exist = true,
+                _ => {}
+            }
+            if states.contains(&State::Refunded) {
+                let confirmed = matches!(&inp, Input::SendDone(Ok(a)) if a.status.as_deref() == Some("approved"))
+                    || matches!(&inp, Input::PaymentDone(Ok(p)) if p.status == "refunded");
+                prop_assert!(
+                    confirmed,
+                    "refunded without Mercado Pago saying so: {inp:?}"
+                );
+            }
+            if !via_terminal && may_exist {
+                prop_assert!(
+                    !states.contains(&State::Expired),
+                    "an api refund that may exist was expired"
+                );
+            }
+            if r.is_final() {
+                prop_assert_eq!(r.next_at_ms, None);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+        #[test]
+        fn random_inputs_keep_the_refund_invariants(
+            via_terminal in any::<bool>(),
+            steps in prop::collection::vec((0u8..27, 0i64..20_000), 1..80),
+        ) {
+            check(via_terminal, &steps)?;
+        }
+    }
+}
