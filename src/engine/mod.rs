@@ -13,6 +13,8 @@
 //! API calls go through one token bucket (`point.max_requests_per_second`).
 
 pub mod machine;
+pub mod refund;
+mod refunds;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -197,6 +199,7 @@ enum Op {
         intent_id: String,
     },
     Devices,
+    Refund(refunds::RefundOp),
 }
 
 #[derive(Debug)]
@@ -214,6 +217,7 @@ enum ApiAnswer {
     List(Result<Option<Vec<Candidate>>, ApiError>),
     Cancel(Result<(), ApiError>),
     Devices(Result<Vec<Device>, ApiError>),
+    Refund(refunds::RefundAnswer),
 }
 
 #[derive(Debug)]
@@ -552,11 +556,13 @@ impl<B: PointBackend> Engine<B> {
         }
         // Per terminal, in arrival order (the store's queue index).
         for (terminal, key) in order {
-            let Some(Progress::Charge(ch)) = self.active.get(&key).map(|r| &r.progress) else {
-                continue;
+            let holds = match self.active.get(&key).map(|r| &r.progress) {
+                Some(Progress::Charge(ch)) => ch.holds_terminal(),
+                Some(Progress::Refund(rf)) => rf.holds_terminal(),
+                _ => continue,
             };
             let q = self.terminals.entry(terminal).or_default();
-            if ch.holds_terminal() {
+            if holds {
                 q.holder = Some(key);
             } else {
                 q.waiting.push_back(key);
@@ -580,7 +586,7 @@ impl<B: PointBackend> Engine<B> {
         for k in &keys {
             if matches!(
                 self.active.get(k).map(|r| &r.progress),
-                Some(Progress::Charge(_))
+                Some(Progress::Charge(_) | Progress::Refund(_))
             ) {
                 self.apply(k, Input::Restarted, now);
             }
@@ -925,13 +931,7 @@ impl<B: PointBackend> Engine<B> {
             CommandBody::Cancel { target } => {
                 self.accept_cancel(station, &cmd, &target, props, now)
             }
-            CommandBody::Refund(_) => {
-                let r = refusal(
-                    ErrorCode::BadField,
-                    "refunds are not available in this version of the agent".into(),
-                );
-                self.refuse(station, &props, r, None, now);
-            }
+            CommandBody::Refund(r) => self.accept_refund(station, &cmd, r, props, now),
             CommandBody::Query { .. } | CommandBody::Terminals => {}
         }
     }
@@ -1071,6 +1071,9 @@ impl<B: PointBackend> Engine<B> {
             );
             return self.refuse(station, &props, r, None, now);
         };
+        if matches!(t.progress, Progress::Refund(_)) {
+            return self.accept_refund_cancel(station, cmd, &t, props, now);
+        }
         let Progress::Charge(ch) = &t.progress else {
             let r = refusal(
                 ErrorCode::UnknownTarget,
@@ -1158,6 +1161,7 @@ impl<B: PointBackend> Engine<B> {
             ApiAnswer::List(x) => x.as_ref().err().cloned(),
             ApiAnswer::Cancel(x) => x.as_ref().err().cloned(),
             ApiAnswer::Devices(x) => x.as_ref().err().cloned(),
+            ApiAnswer::Refund(x) => x.error().cloned(),
         };
         self.note_health(ok.as_ref(), now);
         if let Some(ra) = ok
@@ -1204,6 +1208,7 @@ impl<B: PointBackend> Engine<B> {
                 Input::ListDone(res.map_err(|e| failure(&e, false)))
             }
             ApiAnswer::Cancel(res) => Input::CancelDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Refund(a) => return self.on_refund_answer(&r.key, a, now),
         };
         self.apply(&r.key, input, now);
     }
@@ -1272,6 +1277,9 @@ impl<B: PointBackend> Engine<B> {
 
     /// Apply one input to a charge, then act on its effects.
     fn apply(&mut self, key: &[u8], input: Input, now: i64) {
+        if let Some(Progress::Refund(_)) = self.active.get(key).map(|r| &r.progress) {
+            return self.apply_to_refund(key, input, now);
+        }
         let ctx = self.ctx(now);
         let Some(req) = self.active.get_mut(key) else {
             return;
@@ -1405,6 +1413,9 @@ impl<B: PointBackend> Engine<B> {
                 });
             }
         }
+        if let Progress::Refund(rf) = &req.progress {
+            rf.decorate(&mut ev);
+        }
         ev.reason = em.reason;
         ev.error = em.error.map(|(code, message)| ErrorInfo { code, message });
         ev.resolved_by = em.resolved_by;
@@ -1426,6 +1437,7 @@ impl<B: PointBackend> Engine<B> {
         }
         let at = match self.active.get(key).map(|r| &r.progress) {
             Some(Progress::Charge(ch)) => ch.next_at_ms,
+            Some(Progress::Refund(rf)) => rf.next_at_ms,
             _ => None,
         };
         if let Some(at) = at {
@@ -1636,6 +1648,7 @@ impl<B: PointBackend> Engine<B> {
                         intent_id,
                     } => ApiAnswer::Cancel(backend.cancel_charge(&terminal, &intent_id).await),
                     Op::Devices => ApiAnswer::Devices(backend.list_devices().await),
+                    Op::Refund(op) => ApiAnswer::Refund(op.run(backend.as_ref()).await),
                 };
                 let _ = tx.send(ApiResult {
                     key: call.key,
@@ -1695,7 +1708,7 @@ impl<B: PointBackend> Engine<B> {
         let pending = self
             .active
             .values()
-            .filter(|r| matches!(r.progress, Progress::Charge(_)))
+            .filter(|r| matches!(r.progress, Progress::Charge(_) | Progress::Refund(_)))
             .count() as u64;
         let oldest = self
             .active

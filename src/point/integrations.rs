@@ -570,6 +570,28 @@ impl PaymentIntent {
     }
 }
 
+impl RefundIntent {
+    /// The normalized view (a refund intent has a charge's states). `default_state`
+    /// stands in for a missing `state` (the create answer has none: it is `OPEN`).
+    pub fn to_remote(&self, default_state: Option<&str>) -> RemoteCharge {
+        let raw_state = self
+            .state
+            .as_deref()
+            .or(default_state)
+            .unwrap_or_default()
+            .to_string();
+        RemoteCharge {
+            id: self.id.clone(),
+            phase: phase_of(&raw_state),
+            raw_state,
+            terminal: self.device_id.clone(),
+            amount: None,
+            external_reference: None,
+            payment_id: self.payment_id.clone(),
+        }
+    }
+}
+
 impl From<ApiPayment> for Payment {
     fn from(p: ApiPayment) -> Payment {
         Payment {
@@ -938,6 +960,28 @@ impl PointBackend for IntegrationsClient {
     async fn search_payments(&self, external_reference: &str) -> Result<Vec<Payment>, ApiError> {
         let found = self.search_api_payments(external_reference).await?;
         Ok(found.results.into_iter().map(Payment::from).collect())
+    }
+
+    async fn create_refund_on_terminal(
+        &self,
+        terminal: &str,
+        payment_id: &str,
+    ) -> Result<RemoteCharge, ApiError> {
+        let intent = self.create_refund_intent(terminal, payment_id, &[]).await?;
+        let mut remote = intent.to_remote(Some("OPEN"));
+        remote.terminal.get_or_insert_with(|| terminal.to_string());
+        remote
+            .payment_id
+            .get_or_insert_with(|| payment_id.to_string());
+        Ok(remote)
+    }
+
+    async fn get_refund_on_terminal(&self, id: &str) -> Result<RemoteCharge, ApiError> {
+        Ok(self.get_refund_intent(id).await?.to_remote(None))
+    }
+
+    async fn cancel_refund_on_terminal(&self, terminal: &str, id: &str) -> Result<(), ApiError> {
+        self.cancel_refund_intent(terminal, id).await.map(|_| ())
     }
 
     async fn refund_payment(
@@ -1392,6 +1436,21 @@ mod tests {
             (i.id.as_deref(), i.event_channel_devices),
             (Some("123"), Some(vec!["email".to_string()]))
         );
+    }
+
+    #[test]
+    fn a_refund_intent_normalizes_like_a_charge() {
+        let r: RefundIntent =
+            serde_json::from_str(r#"{"id":"ri-1","device_id":"d","payment_id":"16499678033"}"#)
+                .unwrap();
+        let open = r.to_remote(Some("OPEN"));
+        assert_eq!(open.phase, Phase::Open);
+        assert_eq!(open.payment_id.as_deref(), Some("16499678033"));
+        assert_eq!(open.terminal.as_deref(), Some("d"));
+        let r: RefundIntent = serde_json::from_str(r#"{"id":"ri-1","state":"FINISHED"}"#).unwrap();
+        assert_eq!(r.to_remote(Some("OPEN")).phase, Phase::Ended);
+        let r: RefundIntent = serde_json::from_str(r#"{"id":"ri-1","state":"ABANDONED"}"#).unwrap();
+        assert_eq!(r.to_remote(None).phase, Phase::Abandoned);
     }
 
     #[test]

@@ -309,6 +309,29 @@ pub trait PointBackend: Send + Sync + 'static {
         external_reference: &str,
     ) -> impl Future<Output = Result<Vec<Payment>, ApiError>> + Send;
 
+    /// Create a full, card-present refund of `payment_id` on the terminal that took it
+    /// (a refund intent). The answer is normalized like a charge: `amount` and
+    /// `external_reference` are `None`, `payment_id` is the refunded payment.
+    fn create_refund_on_terminal(
+        &self,
+        terminal: &str,
+        payment_id: &str,
+    ) -> impl Future<Output = Result<RemoteCharge, ApiError>> + Send;
+
+    /// Read a refund intent by its id (its states are a charge's: OPEN, ON_TERMINAL,
+    /// PROCESSING, FINISHED, CANCELED, ERROR, ABANDONED).
+    fn get_refund_on_terminal(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<RemoteCharge, ApiError>> + Send;
+
+    /// Cancel a refund intent still queued for its terminal (`Phase::Open`).
+    fn cancel_refund_on_terminal(
+        &self,
+        terminal: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+
     /// `POST /v1/payments/{id}/refunds`: full when `amount` is `None`.
     fn refund_payment(
         &self,

@@ -17,6 +17,10 @@
 //! | `meta`     | `b"boot_id"`                         | the kernel boot id the agent last ran under (UTF-8) |
 //! | `meta`     | `b"last_ms"`                         | the latest wall-clock time a batch was written at, i64 BE |
 //!
+//! `Progress` (inside `RequestV1`) is a postcard enum too: its variants, in order, are
+//! `Charge(machine::Charge)`, `Cancel { target, done }`, `Refund(refund::Refund)`; new
+//! kinds of request are appended, never inserted.
+//!
 //! Station and request ids never contain 0x00 (validation allows `A-Za-z0-9._:-` only),
 //! so the key is unambiguous. Outbox ids grow monotonically, so iterating the outbox
 //! replays events in the order they were recorded, hence in `seq` order per request.
@@ -47,6 +51,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::machine::Charge;
+use crate::engine::refund::Refund;
 use crate::station::validate::CommandBody;
 
 /// The on-disk format version written in `meta`.
@@ -82,7 +87,7 @@ pub struct ReplyTo {
     pub correlation: Option<Vec<u8>>,
 }
 
-/// What a stored request is doing.
+/// What a stored request is doing. The variant order is the format: append only.
 // One per request, and most are charges: boxing the big variant would cost an allocation
 // per request to save bytes on the rare cancel.
 #[allow(clippy::large_enum_variant)]
@@ -94,6 +99,8 @@ pub enum Progress {
         target: String,
         done: bool,
     },
+    /// A refund of a charge of the same station (`CommandBody::Refund` names it).
+    Refund(Refund),
 }
 
 /// One stored request: a command the agent accepted, and where it stands.
@@ -184,10 +191,12 @@ pub fn content_hash(body: &CommandBody) -> [u8; 32] {
     out
 }
 
-/// The terminal a request occupies while it is open, if it queues on one.
-fn terminal_of(body: &CommandBody) -> Option<&str> {
-    match body {
-        CommandBody::Charge(c) => Some(&c.terminal),
+/// The terminal a request occupies while it is open, if it queues on one: a charge's,
+/// or the paying terminal of a refund via terminal.
+fn terminal_of(r: &Request) -> Option<&str> {
+    match (&r.body, &r.progress) {
+        (CommandBody::Charge(c), _) => Some(&c.terminal),
+        (_, Progress::Refund(rf)) => rf.terminal.as_deref(),
         _ => None,
     }
 }
@@ -459,7 +468,7 @@ impl Store {
         let k = r.key();
         self.requests.remove(&k)?;
         self.dedup.remove(&k)?;
-        if let Some(t) = terminal_of(&r.body) {
+        if let Some(t) = terminal_of(r) {
             self.queue.remove(queue_key(t, r.received_ms, &k))?;
         }
         if let Some(reference) = &r.external_reference {
@@ -484,6 +493,18 @@ impl Store {
             if !r.is_final() {
                 out.push(r);
             }
+        }
+        Ok(out)
+    }
+
+    /// Every stored request of one station (a refund sums the refunds of its charge).
+    pub fn station_requests(&self, station: &str) -> Result<Vec<Request>, StoreError> {
+        let mut prefix = station.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.requests.scan_prefix(prefix) {
+            let (_, v) = item?;
+            out.push(decode_request(&v)?);
         }
         Ok(out)
     }
@@ -523,12 +544,12 @@ impl Store {
                 });
                 let bytes = postcard::to_stdvec(&d).map_err(StoreError::Encode)?;
                 index.push((0, k.clone(), Some(bytes)));
-                if let (Some(t), None) = (terminal_of(&r.body), r.final_ms) {
+                if let (Some(t), None) = (terminal_of(r), r.final_ms) {
                     index.push((1, queue_key(t, r.received_ms, &k), Some(Vec::new())));
                 }
             }
             if let Some(f) = r.final_ms {
-                if let Some(t) = terminal_of(&r.body) {
+                if let Some(t) = terminal_of(r) {
                     index.push((1, queue_key(t, r.received_ms, &k), None));
                 }
                 index.push((2, done_key(f, &k), Some(Vec::new())));
