@@ -365,8 +365,9 @@ async fn poll_loop(
             }
             Ok(_) => {}
             Err(e) => {
-                {
+                let was_connected = {
                     let mut s = lock(&shared);
+                    let was = s.connected;
                     s.connected = false;
                     s.awaiting_resync = false;
                     s.fifo.clear();
@@ -375,12 +376,19 @@ async fn poll_loop(
                     // are redelivered by the broker.
                     eventloop.clean();
                     eventloop.pending.clear();
-                }
+                    was
+                };
                 attempts = attempts.saturating_add(1);
                 let cap_ms = 10_000u64;
                 let exp = 100u64.saturating_mul(1u64 << attempts.min(10)).min(cap_ms);
                 let delay = exp / 2 + fastrand::u64(0..=exp / 2);
-                tracing::warn!(error = %e, retry_in_ms = delay, "broker connection lost");
+                if was_connected {
+                    tracing::warn!(url = %cfg.url, error = %e, retry_in_ms = delay, "broker connection lost");
+                } else {
+                    // A refused login, a TLS failure (unknown CA, no or bad client
+                    // certificate) or an unreachable broker: say which, every attempt.
+                    tracing::error!(url = %cfg.url, error = %e, retry_in_ms = delay, "could not connect to the broker");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                     _ = shutdown.cancelled() => break,

@@ -17,6 +17,7 @@
 
 pub mod acl;
 pub mod agent;
+pub mod logs;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
