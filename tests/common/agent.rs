@@ -165,6 +165,33 @@ dir = "{state}"
         format!("{}/agent/status", self.prefix())
     }
 
+    /// Stop the agent cleanly and wait for it; the simulator keeps running, so
+    /// [`TestAgent::start_again`] can bring the same agent back.
+    pub async fn stop_agent(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let res = tokio::time::timeout(Duration::from_secs(20), t).await;
+            let res = res
+                .expect("the agent stops within 20 s")
+                .expect("agent task joins");
+            res.expect("the agent ran without error");
+        }
+    }
+
+    /// Start the agent again (after [`TestAgent::stop_agent`]) with the same config, state
+    /// directory and simulator: a restart of the daemon.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.task.is_none(),
+            "stop the agent before starting it again"
+        );
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(pointgate::run(
+            self.config.clone(),
+            self.shutdown.clone(),
+        )));
+    }
+
     /// Stop the agent cleanly and wait for it.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();

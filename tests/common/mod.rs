@@ -21,6 +21,7 @@ pub mod logs;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
+pub mod proxy;
 pub mod util;
 
 pub use mosquitto::{
