@@ -187,3 +187,28 @@ async fn the_broker_refuses_unknown_users_and_wrong_passwords() {
     // Positive control: the right password connects.
     acl.station("kiosk-1", "kiosk-1", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_mqtt_3_1_1_station_works_under_the_acl_and_cannot_reach_another_s_topics() {
+    let w = world().await;
+    let opts = w.acl.station_opts("kiosk-2", "kiosk-2-v311", true);
+    let mut s = common::MqttStation311::connect_with(opts).await;
+    let evt2 = w.agent.evt_topic("kiosk-2");
+    s.subscribe(&evt2).await;
+    // MQTT 3.1.1 has no PUBACK reason: the foreign publish looks fine to the station,
+    // and the broker drops it.
+    s.publish(&w.agent.cmd_topic("kiosk-1"), charge("v311-rogue", "10.00"))
+        .await;
+    s.publish(&w.agent.cmd_topic("kiosk-2"), charge("v311-1", "10.00"))
+        .await;
+    let last = s
+        .wait_for(
+            |m| m.topic == evt2 && json(m)["request_id"] == "v311-1" && json(m)["final"] == true,
+            WAIT,
+        )
+        .await;
+    assert_eq!(json(&last)["state"], "approved");
+    assert_eq!(w.agent.sim.ledger().len(), 1, "only the honest charge");
+    let mut agent = w.agent;
+    agent.stop().await;
+}
