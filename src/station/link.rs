@@ -444,3 +444,48 @@ async fn poll_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str, keep_alive: Duration) -> LinkConfig {
+        LinkConfig {
+            url: url.into(),
+            client_id: "pointgate-test".into(),
+            username: None,
+            password: None,
+            keep_alive,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            topics: Topics::new("pointgate/test"),
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_below_rumqttc_s_minimum_is_raised_not_a_panic() {
+        let o = options(&cfg("mqtt://127.0.0.1:1883", Duration::from_secs(1))).expect("options");
+        assert_eq!(o.keep_alive(), MIN_KEEP_ALIVE);
+        let o = options(&cfg("mqtt://127.0.0.1:1883", Duration::from_secs(10))).expect("options");
+        assert_eq!(o.keep_alive(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_stalled_poll_is_cut_after_two_keep_alives() {
+        assert_eq!(
+            stall_limit(Duration::from_secs(10)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(stall_limit(Duration::from_secs(1)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn urls_choose_tls_by_scheme_and_refuse_others() {
+        assert!(options(&cfg("mqtts://localhost:8883", Duration::from_secs(10))).is_ok());
+        assert!(matches!(
+            options(&cfg("http://localhost", Duration::from_secs(10))),
+            Err(LinkError::Url(..))
+        ));
+    }
+}
