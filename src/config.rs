@@ -608,7 +608,8 @@ impl Config {
                 ));
             }
         }
-        within("mqtt.keep_alive", m.keep_alive, secs(1), secs(3600))?;
+        // rumqttc refuses (panics on) a keep-alive under 5 s: refuse it here, with the key.
+        within("mqtt.keep_alive", m.keep_alive, secs(5), secs(3600))?;
         if m.keep_alive.subsec_nanos() != 0 {
             return Err(invalid(
                 "mqtt.keep_alive",
@@ -1326,19 +1327,14 @@ mod tests {
     }
 
     #[test]
-    fn mqtt_keep_alive_is_whole_seconds_from_1s_to_1h() {
-        env_range(
-            "POINTGATE_MQTT_KEEP_ALIVE",
-            "mqtt.keep_alive",
-            "1s",
-            "500ms",
-        );
+    fn mqtt_keep_alive_is_whole_seconds_from_5s_to_1h() {
+        env_range("POINTGATE_MQTT_KEEP_ALIVE", "mqtt.keep_alive", "5s", "4s");
         env_range("POINTGATE_MQTT_KEEP_ALIVE", "mqtt.keep_alive", "1h", "61m");
         env_range(
             "POINTGATE_MQTT_KEEP_ALIVE",
             "mqtt.keep_alive",
-            "2s",
-            "1500ms",
+            "6s",
+            "5500ms",
         );
     }
 

@@ -14,8 +14,11 @@
 //!   publishes use `try_publish` (never awaited under the lock), so the mapping cannot
 //!   skew and the polling task never blocks on its own request channel.
 //! - rumqttc has no reconnect backoff: this task adds exponential backoff with jitter.
-//! - A half-open connection is found by rumqttc's keep-alive (no PINGRESP by the next
-//!   ping: an error), so within two keep-alive periods.
+//! - A half-open connection is found by rumqttc's keep-alive (a PINGREQ every keep-alive
+//!   whatever the traffic; no PINGRESP by the next one: an error), so within two
+//!   keep-alive periods; a `poll` that makes no progress for two keep-alives (a write
+//!   stuck on a dead socket, a hung connect) is cut off too. Either way the connection
+//!   is dropped and the link reconnects with backoff.
 //! - The last will sets `agent/status` to offline (retained); a clean stop publishes the
 //!   same before disconnecting.
 
@@ -92,7 +95,7 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
         .ok_or_else(|| LinkError::Url(cfg.url.clone(), "no host".into()))?;
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
-    o.set_keep_alive(cfg.keep_alive.max(Duration::from_secs(1)));
+    o.set_keep_alive(keep_alive(cfg.keep_alive));
     o.set_clean_start(false);
     // Keep the session (and the commands queued in it) for a week of absence.
     o.set_session_expiry_interval(Some(7 * 24 * 3600));
@@ -152,6 +155,25 @@ fn tls_config(cfg: &LinkConfig) -> Result<rustls::ClientConfig, LinkError> {
         }
         _ => Ok(builder.with_no_client_auth()),
     }
+}
+
+/// How long one `poll` of the event loop may take before the link gives up on the
+/// connection. rumqttc sends a PINGREQ every keep-alive whatever the traffic and fails
+/// when the previous one got no PINGRESP, so a half-open connection (packets dropped,
+/// nothing closed) fails within two keep-alives and `poll` returns at least once per
+/// keep-alive. The one case its timer cannot see is a write that never completes (the
+/// socket's send buffer full on a dead link): this limit catches that, and a connect or
+/// TLS handshake that hangs.
+fn stall_limit(keep_alive_cfg: Duration) -> Duration {
+    keep_alive(keep_alive_cfg) * 2
+}
+
+/// rumqttc's smallest keep-alive (`set_keep_alive` panics below it); config validation
+/// refuses less, this clamp keeps any other caller from panicking.
+const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+fn keep_alive(configured: Duration) -> Duration {
+    configured.max(MIN_KEEP_ALIVE)
 }
 
 /// Run the link until `shutdown`; then publish `offline` and disconnect.
@@ -291,9 +313,16 @@ async fn poll_loop(
     let mut attempts: u32 = 0;
     let (acks, ack_rx) = mpsc::unbounded_channel();
     tokio::spawn(acker(client.clone(), ack_rx));
+    let stall_limit = stall_limit(cfg.keep_alive);
     loop {
         let ev = tokio::select! {
-            ev = eventloop.poll() => ev,
+            ev = tokio::time::timeout(stall_limit, eventloop.poll()) => match ev {
+                Ok(ev) => ev.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "no progress for {} ms: the connection is taken as dead",
+                    stall_limit.as_millis()
+                )),
+            },
             _ = shutdown.cancelled() => break,
         };
         match ev {
@@ -365,8 +394,9 @@ async fn poll_loop(
             }
             Ok(_) => {}
             Err(e) => {
-                {
+                let was_connected = {
                     let mut s = lock(&shared);
+                    let was = s.connected;
                     s.connected = false;
                     s.awaiting_resync = false;
                     s.fifo.clear();
@@ -375,12 +405,19 @@ async fn poll_loop(
                     // are redelivered by the broker.
                     eventloop.clean();
                     eventloop.pending.clear();
-                }
+                    was
+                };
                 attempts = attempts.saturating_add(1);
                 let cap_ms = 10_000u64;
                 let exp = 100u64.saturating_mul(1u64 << attempts.min(10)).min(cap_ms);
                 let delay = exp / 2 + fastrand::u64(0..=exp / 2);
-                tracing::warn!(error = %e, retry_in_ms = delay, "broker connection lost");
+                if was_connected {
+                    tracing::warn!(url = %cfg.url, error = %e, retry_in_ms = delay, "broker connection lost");
+                } else {
+                    // A refused login, a TLS failure (unknown CA, no or bad client
+                    // certificate) or an unreachable broker: say which, every attempt.
+                    tracing::error!(url = %cfg.url, error = %e, retry_in_ms = delay, "could not connect to the broker");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
                     _ = shutdown.cancelled() => break,
@@ -405,5 +442,50 @@ async fn poll_loop(
                 Ok(Ok(_)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str, keep_alive: Duration) -> LinkConfig {
+        LinkConfig {
+            url: url.into(),
+            client_id: "pointgate-test".into(),
+            username: None,
+            password: None,
+            keep_alive,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            topics: Topics::new("pointgate/test"),
+        }
+    }
+
+    #[test]
+    fn a_keep_alive_below_rumqttc_s_minimum_is_raised_not_a_panic() {
+        let o = options(&cfg("mqtt://127.0.0.1:1883", Duration::from_secs(1))).expect("options");
+        assert_eq!(o.keep_alive(), MIN_KEEP_ALIVE);
+        let o = options(&cfg("mqtt://127.0.0.1:1883", Duration::from_secs(10))).expect("options");
+        assert_eq!(o.keep_alive(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_stalled_poll_is_cut_after_two_keep_alives() {
+        assert_eq!(
+            stall_limit(Duration::from_secs(10)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(stall_limit(Duration::from_secs(1)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn urls_choose_tls_by_scheme_and_refuse_others() {
+        assert!(options(&cfg("mqtts://localhost:8883", Duration::from_secs(10))).is_ok());
+        assert!(matches!(
+            options(&cfg("http://localhost", Duration::from_secs(10))),
+            Err(LinkError::Url(..))
+        ));
     }
 }

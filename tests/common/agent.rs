@@ -26,6 +26,9 @@ pub struct AgentOpts {
     pub point_extra: Vec<&'static str>,
     /// Extra lines for the `[queue]` section.
     pub queue_extra: Vec<&'static str>,
+    /// Extra lines for the `[mqtt]` section (`username`, `password_file`, `ca_file`...).
+    /// A `keep_alive` line here replaces the harness's `keep_alive = "5s"`.
+    pub mqtt_extra: Vec<String>,
 }
 
 impl Default for AgentOpts {
@@ -44,6 +47,7 @@ impl Default for AgentOpts {
             },
             point_extra: Vec::new(),
             queue_extra: Vec::new(),
+            mqtt_extra: Vec::new(),
         }
     }
 }
@@ -95,6 +99,14 @@ impl TestAgent {
                 list.join(", ")
             ));
         }
+        let mut mqtt_lines = opts.mqtt_extra.clone();
+        if !mqtt_lines
+            .iter()
+            .any(|l| l.trim_start().starts_with("keep_alive"))
+        {
+            mqtt_lines.push("keep_alive = \"5s\"".to_owned());
+        }
+        let mqtt_lines = mqtt_lines.join("\n");
         let toml = format!(
             r#"[store]
 id = "{STORE}"
@@ -110,7 +122,7 @@ max_requests_per_second = 50
 
 [mqtt]
 url = "{broker_url}"
-keep_alive = "5s"
+{mqtt_lines}
 
 [queue]
 dir = "{state}"
@@ -123,6 +135,7 @@ dir = "{state}"
             state = dir.join("state").display(),
             point_extra = opts.point_extra.join("\n"),
             queue_extra = opts.queue_extra.join("\n"),
+            mqtt_lines = mqtt_lines,
         );
         let config = Config::from_toml_str(&toml, &HashMap::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
@@ -150,6 +163,33 @@ dir = "{state}"
 
     pub fn status_topic(&self) -> String {
         format!("{}/agent/status", self.prefix())
+    }
+
+    /// Stop the agent cleanly and wait for it; the simulator keeps running, so
+    /// [`TestAgent::start_again`] can bring the same agent back.
+    pub async fn stop_agent(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let res = tokio::time::timeout(Duration::from_secs(20), t).await;
+            let res = res
+                .expect("the agent stops within 20 s")
+                .expect("agent task joins");
+            res.expect("the agent ran without error");
+        }
+    }
+
+    /// Start the agent again (after [`TestAgent::stop_agent`]) with the same config, state
+    /// directory and simulator: a restart of the daemon.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.task.is_none(),
+            "stop the agent before starting it again"
+        );
+        self.shutdown = CancellationToken::new();
+        self.task = Some(tokio::spawn(pointgate::run(
+            self.config.clone(),
+            self.shutdown.clone(),
+        )));
     }
 
     /// Stop the agent cleanly and wait for it.

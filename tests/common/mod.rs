@@ -15,15 +15,18 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod acl;
 pub mod agent;
+pub mod logs;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
+pub mod proxy;
 pub mod util;
 
 pub use mosquitto::{
-    mosquitto_pub, mosquitto_pub_with, try_mosquitto_pub, Mosquitto, MosquittoOpts, MosquittoSub,
-    SubMsg,
+    mosquitto_pub, mosquitto_pub_with, shipped_acl_path, shipped_config_template,
+    try_mosquitto_pub, write_password_file, Mosquitto, MosquittoOpts, MosquittoSub, SubMsg,
 };
 pub use mqtt::{LinkStatus, MqttStation, MqttStation311, Msg, PubOpts, StationOpts};
 pub use pki::{CertPaths, TestPki};

@@ -81,6 +81,9 @@ pub struct Mosquitto {
     port: u16,
     opts: MosquittoOpts,
     dir: Workdir,
+    /// A whole config of the test's own ([`Mosquitto::start_templated`]), used instead of
+    /// the one built from `opts`.
+    template: Option<String>,
 }
 
 impl Mosquitto {
@@ -91,11 +94,34 @@ impl Mosquitto {
             port: 0,
             opts,
             dir: Workdir::new(),
+            template: None,
         };
+        broker.start_on_free_port();
+        broker
+    }
+
+    /// Starts a broker whose config is `template`, with `{port}` replaced by a free port
+    /// and `{dir}` by the broker's scratch directory (which holds an empty `persistence/`
+    /// directory); the harness puts `user root` and logging to stderr in front. For the
+    /// shipped config ([`shipped_config_template`]); `restart` keeps the template.
+    pub fn start_templated(template: impl Into<String>) -> Mosquitto {
+        let mut broker = Mosquitto {
+            child: None,
+            port: 0,
+            opts: MosquittoOpts::default(),
+            dir: Workdir::new(),
+            template: Some(template.into()),
+        };
+        broker.start_on_free_port();
+        broker
+    }
+
+    fn start_on_free_port(&mut self) {
+        let broker = self;
         for attempt in 1..=PORT_ATTEMPTS {
             broker.port = free_port();
             match broker.spawn_and_wait() {
-                Ok(()) => return broker,
+                Ok(()) => return,
                 Err(log) if log.contains("Address already in use") && attempt < PORT_ATTEMPTS => {
                     continue
                 }
@@ -192,6 +218,14 @@ impl Mosquitto {
     }
 
     fn write_config(&self) -> PathBuf {
+        if let Some(template) = &self.template {
+            self.dir.mkdir("persistence");
+            let body = template
+                .replace("{port}", &self.port.to_string())
+                .replace("{dir}", &self.dir.path().display().to_string());
+            let config = format!("user root\nlog_dest stderr\nlog_type all\n{body}\n");
+            return self.dir.write("mosquitto.conf", config);
+        }
         let mut config = vec![
             // Mosquitto run as root drops to the `mosquitto` user, which cannot write our
             // directory; `user root` keeps it as is (and does nothing for other users).
@@ -275,6 +309,60 @@ impl Drop for Mosquitto {
                 self.log()
             );
         }
+    }
+}
+
+/// The shipped broker config (`packaging/mosquitto/pointgate.conf`) as a template for
+/// [`Mosquitto::start_templated`]: its listener moved to `127.0.0.1:{port}`, its
+/// persistence to `{dir}/persistence/`, and its password and ACL files to the given ones.
+/// Everything else (persistence, autosave, anonymous access, limits) is as shipped.
+pub fn shipped_config_template(password_file: &Path, acl_file: &Path) -> String {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/mosquitto/pointgate.conf");
+    let text = std::fs::read_to_string(&shipped)
+        .unwrap_or_else(|e| panic!("read {}: {e}", shipped.display()));
+    let moved = [
+        "persistence_location",
+        "password_file",
+        "acl_file",
+        "listener",
+        "protocol",
+    ];
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| !moved.iter().any(|k| l.trim_start().starts_with(k)))
+        .map(str::to_owned)
+        .collect();
+    lines.push("persistence_location {dir}/persistence/".to_owned());
+    lines.push(format!("password_file {}", password_file.display()));
+    lines.push(format!("acl_file {}", acl_file.display()));
+    lines.push("listener {port} 127.0.0.1".to_owned());
+    // Options after a listener line configure that listener: keep `protocol` with it.
+    lines.push("protocol mqtt".to_owned());
+    lines.join("\n")
+}
+
+/// The shipped ACL (`packaging/mosquitto/acl`).
+pub fn shipped_acl_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/mosquitto/acl")
+}
+
+/// Creates a Mosquitto password file with these `(username, password)` pairs, using
+/// `mosquitto_passwd -b` (as the shipped config's recipe does).
+pub fn write_password_file(path: &Path, users: &[(&str, &str)]) {
+    let program = find_program("mosquitto_passwd", "MOSQUITTO_PASSWD");
+    std::fs::write(path, "").unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    for (user, password) in users {
+        let out = Command::new(&program)
+            .arg("-b")
+            .arg(path)
+            .args([user, password])
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}; {INSTALL_HINT}", program.display()));
+        assert!(
+            out.status.success(),
+            "mosquitto_passwd -b {user}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -1,0 +1,131 @@
+//! N5: a half-open broker connection. A fault proxy between the agent and Mosquitto stops
+//! forwarding in both directions without closing anything. The agent (keep-alive 5 s, the smallest allowed)
+//! must take the connection as dead within two keep-alives, reconnect once the path
+//! works again, and run a charge sent afterwards to `approved`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::{charge, AgentOpts, TestAgent};
+use common::logs;
+use common::proxy::{FaultProxy, ProxyMode};
+use common::{wait_until_async, Mosquitto, MqttStation};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// The smallest keep-alive rumqttc (and so `mqtt.keep_alive`) allows.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Timer and scheduling slack on top of the 2 × keep-alive bound.
+const SLACK: Duration = Duration::from_millis(300);
+
+async fn approved(s: &mut MqttStation, agent: &TestAgent, request_id: &str) {
+    s.publish(&agent.cmd_topic("kiosk-1"), charge(request_id, "15.00"))
+        .await;
+    let evt = agent.evt_topic("kiosk-1");
+    let last = s
+        .wait_for(
+            |m| m.topic == evt && m.json()["request_id"] == request_id && m.json()["final"] == true,
+            WAIT,
+        )
+        .await;
+    assert_eq!(last.json()["state"], "approved", "{}", last.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_broker_connection_is_detected_within_two_keep_alives_and_recovered() {
+    let log = logs::capture();
+    let broker = Mosquitto::start_default();
+    let proxy = FaultProxy::start(broker.port()).await;
+    let mut agent = TestAgent::start(
+        &proxy.url(),
+        AgentOpts {
+            mqtt_extra: vec![format!("keep_alive = \"{}s\"", KEEP_ALIVE.as_secs())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    // The station talks to the broker directly.
+    let mut s = MqttStation::connect(broker.port(), "kiosk-1-n5", true).await;
+    let status = agent.status_topic();
+    s.subscribe(&status).await;
+    s.subscribe(&agent.evt_topic("kiosk-1")).await;
+    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+        .await;
+    approved(&mut s, &agent, "before").await;
+
+    let lost = ["broker connection lost", &proxy.url()];
+    let lost_before = log.lines_with(&lost).len();
+    let connects_before = proxy.accepted();
+    let t0 = Instant::now();
+    proxy.set_mode(ProxyMode::Blackhole);
+    let detected = wait_until_async(WAIT, || log.lines_with(&lost).len() > lost_before).await;
+    let took = t0.elapsed();
+    assert!(
+        detected,
+        "the agent never noticed the dead connection:\n{}",
+        log.text()
+    );
+    eprintln!("half-open connection detected after {took:?} (keep-alive {KEEP_ALIVE:?})");
+    assert!(
+        took <= KEEP_ALIVE * 2 + SLACK,
+        "detected after {took:?}, more than two keep-alives ({KEEP_ALIVE:?}): {:?}",
+        log.lines_with(&lost)
+    );
+    // The broker, hearing nothing either, dropped the agent and published its will.
+    s.wait_for(
+        |m| m.topic == status && m.json()["state"] == "offline",
+        WAIT,
+    )
+    .await;
+
+    // The path works again: the agent comes back through a new proxy connection (the
+    // old one stays dead) and says online.
+    proxy.set_mode(ProxyMode::Forward);
+    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+        .await;
+    assert!(proxy.accepted() > connects_before, "the agent reconnected");
+    approved(&mut s, &agent, "after").await;
+    assert_eq!(agent.sim.ledger().len(), 2);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_sent_while_the_agent_s_connection_is_half_open_completes_after_recovery() {
+    let broker = Mosquitto::start_default();
+    let proxy = FaultProxy::start(broker.port()).await;
+    let mut agent = TestAgent::start(
+        &proxy.url(),
+        AgentOpts {
+            mqtt_extra: vec![format!("keep_alive = \"{}s\"", KEEP_ALIVE.as_secs())],
+            ..AgentOpts::default()
+        },
+    )
+    .await;
+    let mut s = MqttStation::connect(broker.port(), "kiosk-1-n5b", true).await;
+    let status = agent.status_topic();
+    s.subscribe(&status).await;
+    s.subscribe(&agent.evt_topic("kiosk-1")).await;
+    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+        .await;
+    proxy.set_mode(ProxyMode::Blackhole);
+    // The command reaches the broker while the agent's connection is dead; the broker
+    // keeps it in the agent's persistent session once it drops the connection.
+    s.publish(&agent.cmd_topic("kiosk-1"), charge("during", "15.00"))
+        .await;
+    s.wait_for(
+        |m| m.topic == status && m.json()["state"] == "offline",
+        WAIT,
+    )
+    .await;
+    proxy.set_mode(ProxyMode::Forward);
+    let evt = agent.evt_topic("kiosk-1");
+    let last = s
+        .wait_for(
+            |m| m.topic == evt && m.json()["request_id"] == "during" && m.json()["final"] == true,
+            WAIT,
+        )
+        .await;
+    assert_eq!(last.json()["state"], "approved", "{}", last.text());
+    assert_eq!(agent.sim.ledger().len(), 1);
+    agent.stop().await;
+}
