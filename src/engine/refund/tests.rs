@@ -16,6 +16,7 @@ fn ctx(now_ms: i64) -> Ctx {
         now_ms,
         jitter: 0.5,
         timing: TIMING,
+        idempotent_create: false,
     }
 }
 
