@@ -12,6 +12,7 @@
 //! device); later charges wait in arrival order and are told `waiting`/`terminal_busy`.
 //! API calls go through one token bucket (`point.max_requests_per_second`).
 
+mod control;
 pub mod machine;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -89,6 +90,15 @@ pub enum ToEngine {
     Published { outbox_id: u64 },
     /// The link (re)connected: send it the whole outbox again, after a `Resync` marker.
     Connected { session_present: bool },
+    /// An operator's request from the control socket (`engine/control.rs`).
+    Control {
+        request: crate::control::ControlRequest,
+        reply: oneshot::Sender<crate::control::ControlReply>,
+    },
+    /// SIGHUP: the `[stations.*]` tables, already validated, replace the current ones.
+    Reload {
+        stations: BTreeMap<String, StationSection>,
+    },
 }
 
 /// Messages to the link's publisher.
@@ -553,6 +563,8 @@ impl<B: PointBackend> Engine<B> {
                     self.republish_recent(now);
                 }
             }
+            ToEngine::Control { request, reply } => self.on_control(request, reply),
+            ToEngine::Reload { stations } => self.on_reload(stations),
         }
     }
 
