@@ -367,10 +367,7 @@ async fn serve_one(stream: UnixStream, engine: &EngineHandle) -> std::io::Result
 
 async fn ask_engine(engine: &EngineHandle, request: ControlRequest) -> ControlReply {
     let (tx, rx) = oneshot::channel();
-    if !engine
-        .send(ToEngine::Control { request, reply: tx })
-        .await
-    {
+    if !engine.send(ToEngine::Control { request, reply: tx }).await {
         return ControlReply::error(FailureCode::Unavailable, "the engine has stopped");
     }
     match tokio::time::timeout(ENGINE_TIMEOUT, rx).await {
@@ -519,9 +516,11 @@ mod tests {
             let line = encode_reply(&reply);
             assert_eq!(parse_reply(line.trim_ascii()).expect("parses"), reply);
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&encode_reply(&ControlReply::error(FailureCode::NotAllowed, "x")))
-                .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&encode_reply(&ControlReply::error(
+            FailureCode::NotAllowed,
+            "x",
+        )))
+        .unwrap();
         assert_eq!(
             v,
             serde_json::json!({"v":1,"answer":"error","code":"not_allowed","message":"x"})

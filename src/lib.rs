@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod charge;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -190,7 +191,9 @@ pub async fn run_with_reloads(
             ));
         }
         // The agent takes payments without it; only the operator commands are missing.
-        Err(e) => tracing::warn!(error = %e, "control socket unavailable: pointgate status and queue will not work"),
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket unavailable: pointgate status and queue will not work")
+        }
     }
     tasks.spawn(reload_loop(
         reloads,
@@ -240,7 +243,9 @@ async fn reload_loop(
         let Some(reload) = reload else { return };
         match http.reload_token() {
             Ok(()) => {}
-            Err(e) => tracing::error!(error = %e, "reload: the token file was refused; the previous token stays in use"),
+            Err(e) => {
+                tracing::error!(error = %e, "reload: the token file was refused; the previous token stays in use")
+            }
         }
         match reload {
             Ok(fresh) => {

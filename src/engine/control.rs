@@ -34,7 +34,11 @@ const RECENT_MAX: usize = 200;
 
 impl<B: PointBackend> Engine<B> {
     /// Answer one operator request.
-    pub(crate) fn on_control(&mut self, request: ControlRequest, reply: oneshot::Sender<ControlReply>) {
+    pub(crate) fn on_control(
+        &mut self,
+        request: ControlRequest,
+        reply: oneshot::Sender<ControlReply>,
+    ) {
         let now = self.clock.now_ms();
         let answer = match request {
             ControlRequest::Status => self.control_status(now),
@@ -299,7 +303,10 @@ impl<B: PointBackend> Engine<B> {
                 FailureCode::NotFound,
                 format!("no request `{request_id}` of station `{station}`"),
             )),
-            Err(e) => Err(ControlReply::error(FailureCode::Unavailable, format!("{e}"))),
+            Err(e) => Err(ControlReply::error(
+                FailureCode::Unavailable,
+                format!("{e}"),
+            )),
         }
     }
 }
