@@ -115,6 +115,9 @@ keep_alive = "5s"
 [queue]
 dir = "{state}"
 {queue_extra}
+
+[control]
+socket = "{control}"
 {stations}"#,
             site = opts.site,
             base = sim.base_url(),
@@ -123,7 +126,10 @@ dir = "{state}"
             state = dir.join("state").display(),
             point_extra = opts.point_extra.join("\n"),
             queue_extra = opts.queue_extra.join("\n"),
+            control = dir.join("control.sock").display(),
         );
+        // On disk too, for the command line (`pointgate status --config ...`).
+        dir.write("pointgate.toml", &toml);
         let config = Config::from_toml_str(&toml, &HashMap::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pointgate::run(config.clone(), shutdown.clone()));
@@ -150,6 +156,16 @@ dir = "{state}"
 
     pub fn status_topic(&self) -> String {
         format!("{}/agent/status", self.prefix())
+    }
+
+    /// The agent's control socket (`control.socket`, in the work directory).
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        self.config.control.socket.clone()
+    }
+
+    /// The agent's configuration file, as the command line reads it.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.join("pointgate.toml")
     }
 
     /// Stop the agent cleanly and wait for it.

@@ -16,6 +16,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
+pub mod agent_proc;
+pub mod cli;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
