@@ -186,10 +186,16 @@ pub enum FailureCode {
 
 impl ControlReply {
     pub fn error(code: FailureCode, message: impl Into<String>) -> ControlReply {
-        ControlReply::Error(ControlFailure {
+        ControlReply::Error(ControlFailure::new(code, message))
+    }
+}
+
+impl ControlFailure {
+    pub fn new(code: FailureCode, message: impl Into<String>) -> ControlFailure {
+        ControlFailure {
             code,
             message: message.into(),
-        })
+        }
     }
 }
 
@@ -207,15 +213,15 @@ struct ReplyLine {
     reply: ControlReply,
 }
 
-/// Parse a request line; `Err` is the answer to send back.
-pub fn parse_request(line: &[u8]) -> Result<ControlRequest, ControlReply> {
+/// Parse a request line; `Err` is the error to answer.
+pub fn parse_request(line: &[u8]) -> Result<ControlRequest, ControlFailure> {
     let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
-        ControlReply::error(FailureCode::BadRequest, format!("not a JSON object: {e}"))
+        ControlFailure::new(FailureCode::BadRequest, format!("not a JSON object: {e}"))
     })?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
         _ => {
-            return Err(ControlReply::error(
+            return Err(ControlFailure::new(
                 FailureCode::BadRequest,
                 format!("`v` must be {VERSION}"),
             ))
@@ -223,7 +229,7 @@ pub fn parse_request(line: &[u8]) -> Result<ControlRequest, ControlReply> {
     }
     serde_json::from_value::<RequestLine>(value)
         .map(|l| l.request)
-        .map_err(|e| ControlReply::error(FailureCode::BadRequest, e.to_string()))
+        .map_err(|e| ControlFailure::new(FailureCode::BadRequest, e.to_string()))
 }
 
 /// The line a client sends (with its newline).
@@ -354,7 +360,7 @@ async fn serve_one(stream: UnixStream, engine: &EngineHandle) -> std::io::Result
             ControlReply::error(FailureCode::BadRequest, "request line too long")
         }
         Ok(Ok(_)) => match parse_request(&line) {
-            Err(reply) => reply,
+            Err(failure) => ControlReply::Error(failure),
             Ok(request) => {
                 tracing::info!(request = ?request, "control request");
                 ask_engine(engine, request).await
@@ -471,7 +477,7 @@ mod tests {
             br#"{"v":1,"op":"show"}"#,
         ] {
             match parse_request(line) {
-                Err(ControlReply::Error(f)) => assert_eq!(f.code, FailureCode::BadRequest),
+                Err(f) => assert_eq!(f.code, FailureCode::BadRequest),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(line)),
             }
         }

@@ -781,4 +781,51 @@ mod tests {
         let e = Cli::try_parse_from(["pointgate", "sim", "--site", "XX"]).expect_err("refused");
         assert_eq!(e.kind(), ErrorKind::ValueValidation);
     }
+
+    #[test]
+    fn queue_takes_its_flags_after_the_operation() {
+        let cli = Cli::try_parse_from([
+            "pointgate",
+            "queue",
+            "resolve",
+            "kiosk-1/r1",
+            "--as",
+            "declined",
+            "--config",
+            "x.toml",
+            "--json",
+        ])
+        .expect("valid flags");
+        let Command::Queue(args) = cli.command else {
+            panic!("not queue")
+        };
+        assert_eq!(args.config, Some(PathBuf::from("x.toml")));
+        assert!(args.json);
+        match args.op {
+            QueueOp::Resolve { id, outcome } => {
+                assert_eq!(id, "kiosk-1/r1");
+                assert_eq!(outcome, Outcome::Declined);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = Cli::try_parse_from(["pointgate", "queue", "resolve", "k/1", "--as", "maybe"])
+            .expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::ValueValidation);
+        let e =
+            Cli::try_parse_from(["pointgate", "queue", "resolve", "k/1"]).expect_err("needs --as");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn charge_needs_station_and_amount_and_waits_10_minutes_by_default() {
+        let cli = Cli::try_parse_from(["pointgate", "charge", "--station", "k", "--amount", "1"])
+            .expect("valid flags");
+        let Command::Charge(args) = cli.command else {
+            panic!("not charge")
+        };
+        assert_eq!(args.timeout, Duration::from_secs(600));
+        assert!(args.broker.is_none() && args.config.is_none());
+        let e = Cli::try_parse_from(["pointgate", "charge", "--station", "k"]).expect_err("amount");
+        assert_eq!(e.kind(), ErrorKind::MissingRequiredArgument);
+    }
 }

@@ -61,7 +61,13 @@ async fn an_approved_charge_exits_0_and_prints_every_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declined_charge_exits_2_and_json_mode_prints_event_lines() {
     let (_broker, mut agent) = world(AgentOpts::default()).await;
-    let run = charge(&agent, "kiosk-1", "12.00", &["--json", "--request-id", "dec-1"]).await;
+    let run = charge(
+        &agent,
+        "kiosk-1",
+        "12.00",
+        &["--json", "--request-id", "dec-1"],
+    )
+    .await;
     assert_eq!(run.code, 2, "{run:#?}");
     let events: Vec<serde_json::Value> = run
         .stdout

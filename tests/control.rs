@@ -123,8 +123,18 @@ async fn status_shows_the_agent_online_its_pending_charges_and_terminals() {
 
     let run = w.cli(&["status"]).await;
     assert_eq!(run.code, 0, "{run:#?}");
-    for text in ["online", "pending    2", "PAX_A910__0001", "kiosk-1/held", "TERMINAL"] {
-        assert!(run.stdout.contains(text), "{text:?} missing:\n{}", run.stdout);
+    for text in [
+        "online",
+        "pending    2",
+        "PAX_A910__0001",
+        "kiosk-1/held",
+        "TERMINAL",
+    ] {
+        assert!(
+            run.stdout.contains(text),
+            "{text:?} missing:\n{}",
+            run.stdout
+        );
     }
     w.agent.stop().await;
 }
@@ -138,7 +148,11 @@ async fn queue_list_and_show_report_a_charge_and_its_latest_event() {
     let run = w.cli(&["queue", "list"]).await;
     assert_eq!(run.code, 0, "{run:#?}");
     for text in ["kiosk-1/sale-1", "approved", "15.00", "PAX_A910__0001"] {
-        assert!(run.stdout.contains(text), "{text:?} missing:\n{}", run.stdout);
+        assert!(
+            run.stdout.contains(text),
+            "{text:?} missing:\n{}",
+            run.stdout
+        );
     }
     let list = w.cli_json(&["queue", "list"]).await;
     let row = list["requests"]
@@ -201,7 +215,11 @@ async fn queue_cancel_cancels_a_waiting_charge_and_an_open_intent_but_not_one_on
     w.event("held", "canceled").await;
     let intent = &w.agent.sim.intents()[0];
     assert_eq!(intent.state, "CANCELED");
-    assert_eq!(w.agent.sim.ledger().len(), 1, "the second was never created");
+    assert_eq!(
+        w.agent.sim.ledger().len(),
+        1,
+        "the second was never created"
+    );
 
     // Final, or on the terminal: refused with the reason.
     let run = w.cli(&["queue", "cancel", "kiosk-1/held"]).await;
@@ -301,9 +319,15 @@ async fn s2_the_access_token_never_appears_in_a_control_answer() {
     assert_eq!(w.agent.sim.ledger().len(), 2);
 
     let socket = w.agent.control_socket();
-    let mut texts =
-        every_answer(&socket, &["kiosk-1/s2-ok", "kiosk-1/s2-bad", "kiosk-1/none", "bad"]).await;
-    assert!(texts.iter().any(|t| t.contains("s2-ok")), "answers are about the charges");
+    let mut texts = every_answer(
+        &socket,
+        &["kiosk-1/s2-ok", "kiosk-1/s2-bad", "kiosk-1/none", "bad"],
+    )
+    .await;
+    assert!(
+        texts.iter().any(|t| t.contains("s2-ok")),
+        "answers are about the charges"
+    );
     for args in [
         vec!["status"],
         vec!["status", "--json"],
@@ -352,7 +376,8 @@ async fn without_an_agent_status_says_it_is_not_running_and_exits_1() {
 /// A station watching `agent/status` and every station's events of a process agent.
 async fn watcher(broker: &Mosquitto, agent: &AgentProcess) -> MqttStation {
     let mut s = MqttStation::connect(broker.port(), "sighup-watcher", true).await;
-    s.subscribe(&format!("{}/station/+/evt", agent.prefix())).await;
+    s.subscribe(&format!("{}/station/+/evt", agent.prefix()))
+        .await;
     s.subscribe(&agent.status_topic()).await;
     s
 }
@@ -404,7 +429,10 @@ async fn a_sighup_after_fixing_the_token_file_makes_a_401ing_agent_work_again() 
         .await;
     let waiting = event(&mut station, "tok-1", "waiting").await;
     assert_eq!(waiting["reason"], "unauthorized");
-    assert!(agent.sim.ledger().is_empty(), "nothing is created with a refused token");
+    assert!(
+        agent.sim.ledger().is_empty(),
+        "nothing is created with a refused token"
+    );
 
     agent.write_token(TOKEN);
     agent.sighup();
@@ -420,7 +448,11 @@ async fn a_sighup_after_fixing_the_token_file_makes_a_401ing_agent_work_again() 
         s["agent"]["api"] == "ok"
     })
     .await;
-    assert!(agent.log().contains("access token reloaded"), "{}", agent.log());
+    assert!(
+        agent.log().contains("access token reloaded"),
+        "{}",
+        agent.log()
+    );
     assert!(!agent.log().contains(TOKEN), "the token is never logged");
     assert_eq!(agent.stop(), Some(0));
 }
@@ -445,7 +477,14 @@ async fn a_station_added_by_sighup_can_charge() {
         let config = config.to_string();
         async move {
             pointgate(&[
-                "charge", "--station", s, "--amount", "15.00", "--timeout", "30s", "--config",
+                "charge",
+                "--station",
+                s,
+                "--amount",
+                "15.00",
+                "--timeout",
+                "30s",
+                "--config",
                 &config,
             ])
             .await
@@ -491,8 +530,7 @@ async fn an_invalid_config_on_sighup_keeps_the_stations_and_the_log_names_the_ke
     );
     agent.sighup();
     assert!(
-        common::wait_until_async(WAIT, || agent.log().contains("stations.kiosk-3.terminals"))
-            .await,
+        common::wait_until_async(WAIT, || agent.log().contains("stations.kiosk-3.terminals")).await,
         "the log names the key:\n{}",
         agent.log()
     );

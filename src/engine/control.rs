@@ -19,8 +19,8 @@ use super::machine::Input;
 use super::{rfc3339, ApiHealth, Engine};
 use crate::config::StationSection;
 use crate::control::{
-    ChangeView, ControlReply, ControlRequest, FailureCode, ListView, Outcome, PendingSummary,
-    RequestDetail, RequestRow, StatusView,
+    ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,
+    PendingSummary, RequestDetail, RequestRow, StatusView,
 };
 use crate::point::PointBackend;
 use crate::station::validate::CommandBody;
@@ -131,7 +131,7 @@ impl<B: PointBackend> Engine<B> {
             }
         };
         ended.retain(|r| !self.active.contains_key(&r.key()));
-        ended.sort_by(|a, b| b.final_ms.cmp(&a.final_ms));
+        ended.sort_by_key(|r| std::cmp::Reverse(r.final_ms));
         requests.extend(ended.iter().take(RECENT_MAX).map(|r| row(r, now)));
         ControlReply::List(ListView { requests })
     }
@@ -139,7 +139,7 @@ impl<B: PointBackend> Engine<B> {
     fn control_show(&self, id: &str, now: i64) -> ControlReply {
         let r = match self.control_find(id) {
             Ok(r) => r,
-            Err(reply) => return reply,
+            Err(failure) => return ControlReply::Error(failure),
         };
         let stage = match &r.progress {
             Progress::Charge(ch) => Some(stage_name(&ch.stage)),
@@ -174,7 +174,7 @@ impl<B: PointBackend> Engine<B> {
     fn control_cancel(&mut self, id: &str, now: i64) -> ControlReply {
         let r = match self.control_find(id) {
             Ok(r) => r,
-            Err(reply) => return reply,
+            Err(failure) => return ControlReply::Error(failure),
         };
         let Progress::Charge(ch) = &r.progress else {
             return ControlReply::error(FailureCode::NotAllowed, format!("`{id}` is not a charge"));
@@ -223,7 +223,7 @@ impl<B: PointBackend> Engine<B> {
     fn control_resolve(&mut self, id: &str, outcome: Outcome, now: i64) -> ControlReply {
         let r = match self.control_find(id) {
             Ok(r) => r,
-            Err(reply) => return reply,
+            Err(failure) => return ControlReply::Error(failure),
         };
         if !matches!(r.progress, Progress::Charge(_)) {
             return ControlReply::error(FailureCode::NotAllowed, format!("`{id}` is not a charge"));
@@ -287,9 +287,9 @@ impl<B: PointBackend> Engine<B> {
     }
 
     /// The request named `<station>/<request_id>`, open or stored.
-    fn control_find(&self, id: &str) -> Result<Request, ControlReply> {
+    fn control_find(&self, id: &str) -> Result<Request, ControlFailure> {
         let Some((station, request_id)) = id.split_once('/') else {
-            return Err(ControlReply::error(
+            return Err(ControlFailure::new(
                 FailureCode::BadRequest,
                 format!("`{id}`: name a request as <station>/<request_id>"),
             ));
@@ -299,11 +299,11 @@ impl<B: PointBackend> Engine<B> {
         }
         match self.store.get(station, request_id) {
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(ControlReply::error(
+            Ok(None) => Err(ControlFailure::new(
                 FailureCode::NotFound,
                 format!("no request `{request_id}` of station `{station}`"),
             )),
-            Err(e) => Err(ControlReply::error(
+            Err(e) => Err(ControlFailure::new(
                 FailureCode::Unavailable,
                 format!("{e}"),
             )),

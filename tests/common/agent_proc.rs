@@ -186,7 +186,11 @@ socket = "{control}"
             }
             _ => false,
         });
-        assert!(exited, "the agent did not stop within 20 s; log:\n{}", self.log());
+        assert!(
+            exited,
+            "the agent did not stop within 20 s; log:\n{}",
+            self.log()
+        );
         self.child = None;
         code
     }
