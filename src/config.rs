@@ -110,6 +110,7 @@ pub struct Config {
     pub mqtt: MqttSection,
     pub queue: QueueSection,
     pub log: LogSection,
+    pub control: ControlSection,
     /// `[stations.<id>]` tables, by station id.
     #[serde(default)]
     pub stations: BTreeMap<String, StationSection>,
@@ -184,6 +185,14 @@ pub struct QueueSection {
 #[serde(deny_unknown_fields)]
 pub struct LogSection {
     pub level: String,
+}
+
+/// `[control]`: the operator commands' unix socket (an extension of the contract, see
+/// `docs/contract-notes.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    pub socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -486,6 +495,9 @@ impl Config {
         self.validate_point()?;
         self.validate_mqtt()?;
         self.validate_queue()?;
+        if self.control.socket.as_os_str().is_empty() {
+            return Err(invalid("control.socket", "required"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             invalid(
                 "log.level",
@@ -878,6 +890,10 @@ mod tests {
         assert_eq!(shipped.queue.max_pending, 10_000);
         assert_eq!(shipped.mqtt.keep_alive, secs(10));
         assert_eq!(shipped.log.level, "info");
+        assert_eq!(
+            shipped.control.socket,
+            PathBuf::from("/run/pointgate/control.sock")
+        );
         assert_eq!(
             shipped
                 .stations
@@ -1479,5 +1495,17 @@ mod tests {
             .check_files()
             .expect_err("queue");
         assert_eq!(err.key(), Some("queue.dir"));
+    }
+
+    #[test]
+    fn the_control_socket_is_set_by_file_or_environment_and_never_empty() {
+        let text = with("control", "socket = \"/tmp/pg/control.sock\"");
+        let c = load(&text, &[]).expect("file sets it");
+        assert_eq!(c.control.socket, PathBuf::from("/tmp/pg/control.sock"));
+        let c = load(&text, &[("POINTGATE_CONTROL_SOCKET", "/tmp/x.sock")]).expect("env wins");
+        assert_eq!(c.control.socket, PathBuf::from("/tmp/x.sock"));
+        let message = refused(&with("control", "socket = \"\""), &[], "control.socket");
+        assert!(message.contains("required"), "{message}");
+        refused(&with("control", "sock = \"/x\""), &[], "control.sock");
     }
 }

@@ -16,13 +16,20 @@
 //! - `store`: the only code that touches sled; versioned records, real fsync.
 //! - `point`: the Point API behind one trait; the Integrations backend.
 //! - `sim`: the Point API simulator; `broker`: the embedded broker of `demo`.
+//! - `control`: the operator's control socket (`pointgate status`, `pointgate queue`);
+//!   `charge`: `pointgate charge`, a station on the command line.
+//!
+//! SIGHUP (see [`run_with_reloads`]) re-reads the token file and the `[stations.*]`
+//! tables; everything else in the configuration takes effect at the next start.
 //!
 //! `docs/architecture.md` says which file owns what.
 
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod charge;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod engine;
 pub mod failpoint;
@@ -36,9 +43,10 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use config::{BackendKind, Config};
+use config::{BackendKind, Config, ConfigError};
 use engine::machine::Timing;
 use engine::{Engine, Settings, SystemClock};
 use station::link::LinkConfig;
@@ -116,10 +124,26 @@ pub fn link_config(config: &Config) -> Result<LinkConfig, RunError> {
     })
 }
 
+/// A reload (SIGHUP): the configuration as read again from its file, or why it could not
+/// be read. The token file is re-read either way; the stations change only with `Ok`.
+pub type Reload = Result<Config, ConfigError>;
+
 /// Run the agent until `shutdown` is cancelled: open the store, resume every open
 /// request, connect to the broker and the API. Returns once state is durable and the
 /// broker was told `offline` (or the drain timeout passed).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let (_never, reloads) = mpsc::channel(1);
+    run_with_reloads(config, shutdown, reloads).await
+}
+
+/// As [`run`], and each [`Reload`] received re-reads the access token file (on error
+/// the previous token stays) and, when the new configuration is valid, replaces the
+/// `[stations.*]` tables (on error the old ones stay, and the log names the key).
+pub async fn run_with_reloads(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: mpsc::Receiver<Reload>,
+) -> Result<(), RunError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if config.point.backend == BackendKind::Orders {
         return Err(RunError::Config(
@@ -129,7 +153,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let http = point::http::HttpClient::new(&point::http::HttpConfig::from_point(&config.point))
         .map_err(|e| RunError::Config(e.to_string()))?;
     let backend = Arc::new(point::integrations::IntegrationsClient::new(
-        http,
+        http.clone(),
         config.store.site,
     ));
     let store = store::Store::open(&config.queue.dir)?;
@@ -157,6 +181,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let tasks = tokio_util::task::TaskTracker::new();
     let engine_stop = CancellationToken::new();
     let engine_task = tasks.spawn(engine.run(rx, engine_stop.clone()));
+    match control::bind(&config.control.socket) {
+        Ok(listener) => {
+            tracing::info!(socket = %config.control.socket.display(), "control socket listening");
+            tasks.spawn(control::serve(
+                listener,
+                config.control.socket.clone(),
+                handle.clone(),
+                shutdown.clone(),
+            ));
+        }
+        // The agent takes payments without it; only the operator commands are missing.
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket unavailable: pointgate status and queue will not work")
+        }
+    }
+    tasks.spawn(reload_loop(
+        reloads,
+        http,
+        handle.clone(),
+        config.point.access_token_file.clone(),
+        shutdown.clone(),
+    ));
     let link_task = tasks.spawn(station::link::run(
         link_cfg,
         handle,
@@ -180,4 +226,47 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Err(_) => tracing::warn!("drain timeout: stopping anyway"),
     }
     Ok(())
+}
+
+/// Applies each [`Reload`] until `shutdown` or until the sender is gone.
+async fn reload_loop(
+    mut reloads: mpsc::Receiver<Reload>,
+    http: point::http::HttpClient,
+    engine: engine::EngineHandle,
+    token_file: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let reload = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = reloads.recv() => r,
+        };
+        let Some(reload) = reload else { return };
+        match http.reload_token() {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "reload: the token file was refused; the previous token stays in use")
+            }
+        }
+        match reload {
+            Ok(fresh) => {
+                if fresh.point.access_token_file != token_file {
+                    tracing::warn!(
+                        key = "point.access_token_file",
+                        "reload: a new token file path takes effect at the next start"
+                    );
+                }
+                engine
+                    .send(engine::ToEngine::Reload {
+                        stations: fresh.stations,
+                    })
+                    .await;
+            }
+            Err(e) => tracing::error!(
+                key = e.key().unwrap_or("-"),
+                error = %e,
+                "reload: the configuration is not valid; the current stations stay"
+            ),
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! device); later charges wait in arrival order and are told `waiting`/`terminal_busy`.
 //! API calls go through one token bucket (`point.max_requests_per_second`).
 
+mod control;
 pub mod machine;
 pub mod refund;
 mod refunds;
@@ -145,6 +146,15 @@ pub enum ToEngine {
     Published { outbox_id: u64 },
     /// The link (re)connected: send it the whole outbox again, after a `Resync` marker.
     Connected { session_present: bool },
+    /// An operator's request from the control socket (`engine/control.rs`).
+    Control {
+        request: crate::control::ControlRequest,
+        reply: oneshot::Sender<crate::control::ControlReply>,
+    },
+    /// SIGHUP: the `[stations.*]` tables, already validated, replace the current ones.
+    Reload {
+        stations: BTreeMap<String, StationSection>,
+    },
 }
 
 /// Messages to the link's publisher.
@@ -328,6 +338,14 @@ struct TermQueue {
     holder: Option<Vec<u8>>,
     waiting: VecDeque<Vec<u8>>,
     published: Option<(bool, Option<String>, u32, String)>,
+}
+
+impl TermQueue {
+    /// `key` holds the terminal now: it is no longer among those waiting.
+    fn take_turn(&mut self, key: &[u8]) {
+        self.holder = Some(key.to_vec());
+        self.waiting.retain(|k| k != key);
+    }
 }
 
 struct TokenBucket {
@@ -718,6 +736,8 @@ impl<B: PointBackend> Engine<B> {
                     self.republish_recent(now);
                 }
             }
+            ToEngine::Control { request, reply } => self.on_control(request, reply),
+            ToEngine::Reload { stations } => self.on_reload(stations),
         }
     }
 
@@ -1324,7 +1344,7 @@ impl<B: PointBackend> Engine<B> {
                     payment: c.payment.clone(),
                     idempotency_key: None,
                 };
-                self.terminals.entry(terminal).or_default().holder = Some(key.to_vec());
+                self.terminals.entry(terminal).or_default().take_turn(key);
                 self.dirty.insert(key.to_vec());
                 self.calls.push(ApiCall {
                     key: key.to_vec(),

@@ -160,7 +160,7 @@ impl<B: PointBackend> Engine<B> {
                     terminal: terminal.clone(),
                     payment_id: rf.payment_id.clone(),
                 };
-                self.terminals.entry(terminal).or_default().holder = Some(key.to_vec());
+                self.terminals.entry(terminal).or_default().take_turn(key);
                 self.dirty.insert(key.to_vec());
                 self.calls.push(call(op));
             }

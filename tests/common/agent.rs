@@ -127,6 +127,9 @@ url = "{broker_url}"
 [queue]
 dir = "{state}"
 {queue_extra}
+
+[control]
+socket = "{control}"
 {stations}"#,
             site = opts.site,
             base = sim.base_url(),
@@ -136,7 +139,10 @@ dir = "{state}"
             point_extra = opts.point_extra.join("\n"),
             queue_extra = opts.queue_extra.join("\n"),
             mqtt_lines = mqtt_lines,
+            control = dir.join("control.sock").display(),
         );
+        // On disk too, for the command line (`pointgate status --config ...`).
+        dir.write("pointgate.toml", &toml);
         let config = Config::from_toml_str(&toml, &HashMap::new()).expect("test config is valid");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(pointgate::run(config.clone(), shutdown.clone()));
@@ -190,6 +196,16 @@ dir = "{state}"
             self.config.clone(),
             self.shutdown.clone(),
         )));
+    }
+
+    /// The agent's control socket (`control.socket`, in the work directory).
+    pub fn control_socket(&self) -> std::path::PathBuf {
+        self.config.control.socket.clone()
+    }
+
+    /// The agent's configuration file, as the command line reads it.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.join("pointgate.toml")
     }
 
     /// Stop the agent cleanly and wait for it.

@@ -17,6 +17,8 @@
 
 pub mod acl;
 pub mod agent;
+pub mod agent_proc;
+pub mod cli;
 pub mod logs;
 pub mod mosquitto;
 pub mod mqtt;
