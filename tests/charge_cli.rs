@@ -101,6 +101,9 @@ async fn a_charge_whose_outcome_is_unknown_exits_3() {
         ..AgentOpts::default()
     })
     .await;
+    // The create commits but its answer is lost, and the intent list is not served, so
+    // reconcile cannot decide.
+    agent.sim.set_serve_intent_lists(false);
     agent.sim.set_fault_scoped(
         FaultScope::Creates,
         Fault::CommitThenDrop { remaining: Some(1) },

@@ -249,7 +249,9 @@ async fn queue_resolve_ends_a_needs_attention_charge_as_the_operator_and_nothing
         ..AgentOpts::default()
     })
     .await;
-    // The create is committed at Mercado Pago but its answer is lost.
+    // The create is committed at Mercado Pago but its answer is lost, and without the
+    // intent list reconcile cannot decide.
+    w.agent.sim.set_serve_intent_lists(false);
     w.agent.sim.set_fault_scoped(
         FaultScope::Creates,
         Fault::CommitThenDrop { remaining: Some(1) },
