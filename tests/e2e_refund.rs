@@ -442,3 +442,58 @@ async fn refunds_wait_out_an_outage_longer_than_a_charge_ttl_and_are_made_exactl
     );
     w.agent.stop().await;
 }
+
+/// N2/N3 for refunds: 5xx answers, one after the refund was committed, and a 429 with
+/// `Retry-After`: the POST is retried with its key and the payment gets one refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_posts_answered_5xx_or_429_are_retried_with_the_same_key_and_made_once() {
+    let mut w = world(AgentOpts::default()).await;
+    let pid = w.approved("sale-5xx", "12.50").await;
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::CommitThen5xx {
+            status: 500,
+            remaining: Some(1),
+        },
+    );
+    w.send(refund("rf-5xx", "sale-5xx", json!({"amount": "2.50"})))
+        .await;
+    let events = w.story("rf-5xx").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::TooMany {
+            retry_after_s: 1,
+            remaining: Some(2),
+        },
+    );
+    w.send(refund("rf-429", "sale-5xx", json!({"amount": "1.00"})))
+        .await;
+    let events = w.story("rf-429").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::Status5xx {
+            status: 503,
+            remaining: Some(3),
+        },
+    );
+    w.send(refund("rf-503", "sale-5xx", json!({"amount": "1.00"})))
+        .await;
+    let events = w.story("rf-503").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    let p = w.payment(&pid).await;
+    assert_eq!(p["transaction_amount_refunded"].as_f64(), Some(4.5));
+    assert_eq!(p["refunds"].as_array().map(Vec::len), Some(3), "{p}");
+    // The faults did happen: 1 + 2 + 3 failed POSTs besides the 3 that succeeded.
+    let posts: Vec<u16> = w
+        .agent
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/refunds"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(posts.iter().filter(|s| **s >= 400).count(), 6, "{posts:?}");
+    w.agent.stop().await;
+}
