@@ -636,14 +636,25 @@ terminals = ["PAX_A910__0001"]
 
     sim.set_fault(Fault::None);
     let (stop, task) = start(config.clone());
-    for rid in ["rr-1", "rr-2"] {
-        let last = station
+    // Both end; in whichever order (waiting for one consumes the other's events).
+    let mut finals = std::collections::BTreeMap::new();
+    while finals.len() < 2 {
+        let m = station
             .wait_for(
-                |m| m.topic == evt && m.json()["request_id"] == rid && m.json()["final"] == true,
+                |m| {
+                    m.topic == evt
+                        && m.json()["request_id"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("rr-"))
+                        && m.json()["final"] == true
+                },
                 WAIT,
             )
             .await
             .json();
+        finals.insert(m["request_id"].as_str().unwrap().to_string(), m);
+    }
+    for (rid, last) in &finals {
         assert_eq!(last["state"], "refunded", "{rid}: {last}");
     }
     let refunds: Vec<_> = sim
