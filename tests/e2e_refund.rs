@@ -60,6 +60,37 @@ fn cancel(request_id: &str, target: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// A payment as the simulator holds it, read over its API with a client that trusts
+/// only the simulator's CA.
+async fn sim_payment(sim: &pointgate::sim::SimHandle, id: &str) -> Value {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(sim.ca_pem().as_bytes()) {
+        roots.add(cert.expect("CA PEM parses")).expect("CA added");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    client
+        .get(format!("{}/v1/payments/{id}", sim.base_url()))
+        .bearer_auth(common::agent::TOKEN)
+        .send()
+        .await
+        .expect("the simulator answers")
+        .json()
+        .await
+        .expect("a payment")
+}
+
 fn states(events: &[Value]) -> Vec<String> {
     events
         .iter()
@@ -144,32 +175,7 @@ impl World {
 
     /// The simulator's payment, over its API.
     async fn payment(&self, id: &str) -> Value {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.agent.sim.ca_pem().as_bytes()) {
-            roots.add(cert.expect("CA PEM parses")).expect("CA added");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("client");
-        client
-            .get(format!("{}/v1/payments/{id}", self.agent.sim.base_url()))
-            .bearer_auth(common::agent::TOKEN)
-            .send()
-            .await
-            .expect("the simulator answers")
-            .json()
-            .await
-            .expect("a payment")
+        sim_payment(&self.agent.sim, id).await
     }
 
     /// Refund POSTs that reached the simulator and were answered.
@@ -441,4 +447,231 @@ async fn refunds_wait_out_an_outage_longer_than_a_charge_ttl_and_are_made_exactl
         "the expired charge never reached the API"
     );
     w.agent.stop().await;
+}
+
+/// N2/N3 for refunds: 5xx answers, one after the refund was committed, and a 429 with
+/// `Retry-After`: the POST is retried with its key and the payment gets one refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_posts_answered_5xx_or_429_are_retried_with_the_same_key_and_made_once() {
+    let mut w = world(AgentOpts::default()).await;
+    let pid = w.approved("sale-5xx", "12.50").await;
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::CommitThen5xx {
+            status: 500,
+            remaining: Some(1),
+        },
+    );
+    w.send(refund("rf-5xx", "sale-5xx", json!({"amount": "2.50"})))
+        .await;
+    let events = w.story("rf-5xx").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::TooMany {
+            retry_after_s: 1,
+            remaining: Some(2),
+        },
+    );
+    w.send(refund("rf-429", "sale-5xx", json!({"amount": "1.00"})))
+        .await;
+    let events = w.story("rf-429").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    w.agent.sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::Status5xx {
+            status: 503,
+            remaining: Some(3),
+        },
+    );
+    w.send(refund("rf-503", "sale-5xx", json!({"amount": "1.00"})))
+        .await;
+    let events = w.story("rf-503").await;
+    assert_eq!(states(&events).last().unwrap(), "refunded", "{events:?}");
+    let p = w.payment(&pid).await;
+    assert_eq!(p["transaction_amount_refunded"].as_f64(), Some(4.5));
+    assert_eq!(p["refunds"].as_array().map(Vec::len), Some(3), "{p}");
+    // The faults did happen: 1 + 2 + 3 failed POSTs besides the 3 that succeeded.
+    let posts: Vec<u16> = w
+        .agent
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/refunds"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(posts.iter().filter(|s| **s >= 400).count(), 6, "{posts:?}");
+    w.agent.stop().await;
+}
+
+/// A restart: one refund whose answer was lost (it may exist, so it is re-POSTed with its
+/// key) and one never sent (the API was down) are stored, the agent stops, and the next
+/// agent on the same store finishes both: each `refunded`, each made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_in_flight_or_unsent_resume_after_a_restart_and_are_made_once() {
+    use std::collections::HashMap;
+    use tokio_util::sync::CancellationToken;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let broker = Mosquitto::start_default();
+    let dir = common::Workdir::new();
+    let sim = pointgate::sim::start(pointgate::sim::SimConfig {
+        token: common::agent::TOKEN.into(),
+        devices: vec!["PAX_A910__0001".into()],
+        ca_out: Some(dir.join("sim-ca.pem")),
+        terminal: TerminalMode::Auto {
+            pickup: Duration::from_millis(50),
+            process: Duration::from_millis(50),
+        },
+        ..pointgate::sim::SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let token = dir.write("access_token", common::agent::TOKEN);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let toml = format!(
+        r#"[store]
+id = "store-restart"
+site = "MLA"
+[point]
+base_url = "{base}"
+access_token_file = "{token}"
+extra_ca_file = "{ca}"
+poll_interval = "100ms"
+max_requests_per_second = 50
+[mqtt]
+url = "{broker}"
+keep_alive = "5s"
+[queue]
+dir = "{state}"
+[stations.kiosk-1]
+terminals = ["PAX_A910__0001"]
+"#,
+        base = sim.base_url(),
+        token = token.display(),
+        ca = dir.join("sim-ca.pem").display(),
+        broker = broker.url(),
+        state = dir.join("state").display(),
+    );
+    let config = pointgate::config::Config::from_toml_str(&toml, &HashMap::new()).unwrap();
+    let prefix = config.topic_prefix();
+    let (evt, cmd, status) = (
+        format!("{prefix}/station/kiosk-1/evt"),
+        format!("{prefix}/station/kiosk-1/cmd"),
+        format!("{prefix}/agent/status"),
+    );
+    let start = |config: pointgate::config::Config| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(pointgate::run(config, stop.clone()));
+        (stop, task)
+    };
+    let mut station = MqttStation::connect(broker.port(), "kiosk-1-restart", true).await;
+    station.subscribe(&evt).await;
+    station.subscribe(&status).await;
+    let (stop, task) = start(config.clone());
+    station
+        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+        .await;
+    station.publish(&cmd, charge("sale-r", "10.00")).await;
+    let approved = station
+        .wait_for(
+            |m| m.topic == evt && m.json()["request_id"] == "sale-r" && m.json()["final"] == true,
+            WAIT,
+        )
+        .await
+        .json();
+    assert_eq!(approved["state"], "approved");
+    let pid = approved["payment"]["id"].as_str().unwrap().to_string();
+
+    // Refund 1: committed, answer lost; the API goes down before the retry.
+    sim.set_fault_scoped(
+        FaultScope::Creates,
+        Fault::CommitThenDrop { remaining: Some(1) },
+    );
+    station
+        .publish(&cmd, refund("rr-1", "sale-r", json!({"amount": "3.00"})))
+        .await;
+    let lost = common::wait_until_async(WAIT, || {
+        sim.requests()
+            .iter()
+            .any(|r| r.path.ends_with("/refunds") && r.status == 0)
+    })
+    .await;
+    assert!(
+        lost,
+        "the first refund POST was committed and its answer dropped"
+    );
+    sim.set_fault(Fault::Down);
+    // Refund 2: accepted while the API is down, never sent.
+    station
+        .publish(&cmd, refund("rr-2", "sale-r", json!({"amount": "2.00"})))
+        .await;
+    station
+        .wait_for(
+            |m| {
+                m.topic == evt
+                    && m.json()["request_id"] == "rr-2"
+                    && m.json()["state"] == "accepted"
+            },
+            WAIT,
+        )
+        .await;
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("the agent stops")
+        .expect("joins")
+        .expect("ran without error");
+    let before: Vec<Value> = station.drain().iter().map(|m| m.json()).collect();
+    assert!(
+        !before.iter().any(|v| v["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rr-"))
+            && v["final"] == true),
+        "neither refund ended before the restart: {before:?}"
+    );
+
+    sim.set_fault(Fault::None);
+    let (stop, task) = start(config.clone());
+    // Both end; in whichever order (waiting for one consumes the other's events).
+    let mut finals = std::collections::BTreeMap::new();
+    while finals.len() < 2 {
+        let m = station
+            .wait_for(
+                |m| {
+                    m.topic == evt
+                        && m.json()["request_id"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with("rr-"))
+                        && m.json()["final"] == true
+                },
+                WAIT,
+            )
+            .await
+            .json();
+        finals.insert(m["request_id"].as_str().unwrap().to_string(), m);
+    }
+    for (rid, last) in &finals {
+        assert_eq!(last["state"], "refunded", "{rid}: {last}");
+    }
+    let refunds: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/refunds"))
+        .collect();
+    assert!(refunds.len() >= 3, "rr-1 was POSTed again: {refunds:?}");
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, task).await;
+    // The payment shows exactly the two refunds.
+    let w_payment = sim_payment(&sim, &pid).await;
+    assert_eq!(w_payment["transaction_amount_refunded"].as_f64(), Some(5.0));
+    assert_eq!(
+        w_payment["refunds"].as_array().map(Vec::len),
+        Some(2),
+        "{w_payment}"
+    );
+    sim.shutdown();
 }
