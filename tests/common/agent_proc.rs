@@ -174,6 +174,34 @@ socket = "{control}"
         assert!(ok, "kill {sig} {pid} failed");
     }
 
+    /// SIGKILL (no chance to say anything), and reap it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        child.kill().expect("SIGKILL the agent");
+        let _ = child.wait();
+    }
+
+    /// Start the agent binary again with the same config and store (after `stop` or
+    /// `kill9`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the agent first");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pointgate"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env_remove("POINTGATE_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pointgate run");
+        self.child = Some(child);
+    }
+
     /// SIGTERM, and wait for the agent to exit; returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         self.signal("-TERM");
