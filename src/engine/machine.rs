@@ -366,6 +366,35 @@ impl Charge {
         fx.push(Effect::Create);
     }
 
+    /// A create that certainly left nothing behind: back to the queue, to try again after
+    /// `wait` — but never past the deadline, where it expires (at the deadline, not
+    /// before: when our own backoff would overshoot it, one last try is made a second
+    /// before it; a server's `Retry-After` is obeyed, so then it just waits to expire).
+    fn requeue(
+        &mut self,
+        reason: WaitReason,
+        wait: i64,
+        server_imposed: bool,
+        now: i64,
+        fx: &mut Vec<Effect>,
+    ) {
+        let retry_at = now + wait;
+        let last_try = self.deadline_ms - 1_000;
+        let next = if retry_at < self.deadline_ms {
+            retry_at
+        } else if !server_imposed && last_try > now {
+            last_try
+        } else {
+            self.deadline_ms
+        };
+        self.stage = Stage::Queued {
+            reason: Some(reason),
+        };
+        self.next_at_ms = Some(next);
+        fx.push(Effect::ReleaseTerminal);
+        fx.push(Effect::Emit(Emit::waiting(reason)));
+    }
+
     /// The create's outcome is unknown: find out before anything else is sent.
     fn start_reconcile(&mut self, now: i64) {
         self.stage = Stage::Reconciling { since_ms: now };
@@ -534,8 +563,18 @@ impl Charge {
                 self.finish(Emit::state(State::Expired), fx);
             }
             (_, Input::ClockInDoubt) => {}
-            (Stage::Queued { .. }, _) if now >= self.deadline_ms => {
-                self.finish(Emit::state(State::Expired), fx);
+            (Stage::Queued { reason }, _) if now >= self.deadline_ms => {
+                if *reason == Some(WaitReason::Unauthorized) {
+                    self.finish(
+                        Emit::failed(
+                            ErrorCode::Unauthorized,
+                            "Mercado Pago refused the access token until the charge's ttl ran out",
+                        ),
+                        fx,
+                    );
+                } else {
+                    self.finish(Emit::state(State::Expired), fx);
+                }
             }
             (Stage::Queued { reason }, Input::TerminalBusy) => {
                 if *reason != Some(WaitReason::TerminalBusy) {
@@ -574,55 +613,31 @@ impl Charge {
                 }
             }
             (Stage::SendBegun { .. }, Input::CreateDone(Err(failure))) => match failure {
-                // Nothing was committed: back to the queue, unless the deadline passed.
+                // Nothing was committed: back to the queue until the deadline.
                 Failure::Unreachable {
                     retry_after_ms,
                     rate_limited,
                 } => {
                     // A failed connect or a 429 left nothing behind at Mercado Pago.
                     self.attempts = self.attempts.saturating_add(1);
-                    let reason = if rate_limited {
-                        WaitReason::RateLimited
-                    } else {
-                        WaitReason::ApiUnreachable
-                    };
-                    let wait = retry_after_ms.unwrap_or(0).max(self.backoff_ms(ctx));
                     if self.cancel_pending {
                         self.cancel_pending = false;
                         self.finish(Emit::state(State::Canceled), fx);
                         fx.push(Effect::CancelAnswer(Ok(())));
                         return;
                     }
-                    if now + wait >= self.deadline_ms {
-                        self.finish(Emit::state(State::Expired), fx);
-                        return;
-                    }
-                    self.stage = Stage::Queued {
-                        reason: Some(reason),
+                    let reason = if rate_limited {
+                        WaitReason::RateLimited
+                    } else {
+                        WaitReason::ApiUnreachable
                     };
-                    self.next_at_ms = Some(now + wait);
-                    fx.push(Effect::ReleaseTerminal);
-                    fx.push(Effect::Emit(Emit::waiting(reason)));
+                    let wait = retry_after_ms.unwrap_or(0).max(self.backoff_ms(ctx));
+                    self.requeue(reason, wait, retry_after_ms.is_some(), now, fx);
                 }
                 Failure::Unauthorized => {
                     self.attempts = self.attempts.saturating_add(1);
                     let wait = self.backoff_ms(ctx);
-                    if now + wait >= self.deadline_ms {
-                        self.finish(
-                            Emit::failed(
-                                ErrorCode::Unauthorized,
-                                "Mercado Pago refused the access token until the charge's ttl ran out",
-                            ),
-                            fx,
-                        );
-                        return;
-                    }
-                    self.stage = Stage::Queued {
-                        reason: Some(WaitReason::Unauthorized),
-                    };
-                    self.next_at_ms = Some(now + wait);
-                    fx.push(Effect::ReleaseTerminal);
-                    fx.push(Effect::Emit(Emit::waiting(WaitReason::Unauthorized)));
+                    self.requeue(WaitReason::Unauthorized, wait, false, now, fx);
                 }
                 Failure::Conflict if self.sends > 1 && !ctx.idempotent_create => {
                     // A re-create after reconcile found nothing: the intent the terminal
@@ -641,16 +656,7 @@ impl Charge {
                     // never comes here). Wait for it to end.
                     self.attempts = self.attempts.saturating_add(1);
                     let wait = self.backoff_ms(ctx).max(ctx.timing.poll_interval_ms);
-                    if now + wait >= self.deadline_ms {
-                        self.finish(Emit::state(State::Expired), fx);
-                        return;
-                    }
-                    self.stage = Stage::Queued {
-                        reason: Some(WaitReason::TerminalBusy),
-                    };
-                    self.next_at_ms = Some(now + wait);
-                    fx.push(Effect::ReleaseTerminal);
-                    fx.push(Effect::Emit(Emit::waiting(WaitReason::TerminalBusy)));
+                    self.requeue(WaitReason::TerminalBusy, wait, false, now, fx);
                 }
                 Failure::Refused { message } => {
                     self.finish(Emit::failed(ErrorCode::ApiRefused, message), fx);

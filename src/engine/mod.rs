@@ -348,38 +348,47 @@ impl TermQueue {
     }
 }
 
+/// The API request limit (`point.max_requests_per_second`) as a sliding window: no
+/// 1-second window ever holds more than `limit` requests (a token bucket that starts full
+/// would allow twice that across a window straddling an idle spell).
 struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last_ms: i64,
+    limit: usize,
+    /// When the requests of the last second left, oldest first.
+    sent: VecDeque<i64>,
 }
 
 impl TokenBucket {
+    const WINDOW_MS: i64 = 1_000;
+
     fn new(rate: u32) -> TokenBucket {
         TokenBucket {
-            rate: rate.max(1) as f64,
-            tokens: rate.max(1) as f64,
-            last_ms: 0,
+            limit: rate.max(1) as usize,
+            sent: VecDeque::new(),
         }
     }
-    fn refill(&mut self, now: i64) {
-        if now > self.last_ms {
-            self.tokens =
-                (self.tokens + (now - self.last_ms) as f64 * self.rate / 1000.0).min(self.rate);
-            self.last_ms = now;
-        }
-    }
+
     fn take(&mut self, now: i64) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| *t <= now - Self::WINDOW_MS)
+        {
+            self.sent.pop_front();
+        }
+        if self.sent.len() < self.limit {
+            self.sent.push_back(now);
             true
         } else {
             false
         }
     }
+
+    /// When the next request may leave.
     fn next_at(&self) -> i64 {
-        self.last_ms + (((1.0 - self.tokens).max(0.0) * 1000.0 / self.rate).ceil() as i64).max(1)
+        if self.sent.len() < self.limit {
+            return 0;
+        }
+        self.sent.front().map_or(0, |t| t + Self::WINDOW_MS + 1)
     }
 }
 
@@ -1791,6 +1800,28 @@ mod tests {
         assert!(clock_doubt(&facts("b1", false), Some("b1"), Some(1_000), 2_000).is_none());
         // A fresh store has nothing to compare with.
         assert!(clock_doubt(&facts("b1", false), None, None, 2_000).is_none());
+    }
+
+    #[test]
+    fn no_second_holds_more_requests_than_the_limit() {
+        let mut b = TokenBucket::new(5);
+        let mut sent = Vec::new();
+        // Idle, then a burst, and asking every 10 ms for 3 s.
+        for t in (10_000..13_000).step_by(10) {
+            while b.take(t) {
+                sent.push(t);
+            }
+        }
+        for (i, t) in sent.iter().enumerate() {
+            let in_window = sent[i..].iter().take_while(|u| **u < t + 1_000).count();
+            assert!(
+                in_window <= 5,
+                "{in_window} requests in the second from {t}"
+            );
+        }
+        // And it does not starve: 5 per second on average.
+        assert!(sent.len() >= 14, "{} sent in 3 s", sent.len());
+        assert!(b.next_at() > 12_990);
     }
 
     #[test]
