@@ -188,6 +188,6 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
         "{} creates for {charges} charges",
         sim.creates
     );
-    agent.stop_term();
+    agent.stop_term_async().await;
     fleet.stop().await;
 }

@@ -288,6 +288,25 @@ level = "info"
         status
     }
 
+    /// [`ProcAgent::wait_exit`] for async tests: polls with `tokio::time::sleep`, so the
+    /// runtime's other tasks (stations) keep running meanwhile.
+    pub async fn wait_exit_async(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        let child = self.child.as_mut()?;
+        super::util::wait_until_async(timeout, || match child.try_wait() {
+            Ok(Some(s)) => {
+                status = Some(s);
+                true
+            }
+            _ => false,
+        })
+        .await;
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// SIGTERM and wait (at most 20 s): a clean stop.
     pub fn stop_term(&mut self) -> Option<ExitStatus> {
         let pid = self.pid()?;
@@ -295,6 +314,19 @@ level = "info"
             .args(["-TERM", &pid.to_string()])
             .status();
         let s = self.wait_exit(Duration::from_secs(20));
+        if s.is_none() {
+            self.kill9();
+        }
+        s
+    }
+
+    /// [`ProcAgent::stop_term`] for async tests.
+    pub async fn stop_term_async(&mut self) -> Option<ExitStatus> {
+        let pid = self.pid()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let s = self.wait_exit_async(Duration::from_secs(20)).await;
         if s.is_none() {
             self.kill9();
         }
