@@ -77,16 +77,18 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
     let tracks = fleet.tracks();
     let summary = Summary::of(&tracks);
     let sim = SimCheck::of(&agent.sim, &tracks).await;
-    println!(
-        "{spec}: crashed with {sent_at_crash} sent, {done_at_crash} done\n{summary}\n{sim}"
-    );
+    println!("{spec}: crashed with {sent_at_crash} sent, {done_at_crash} done\n{summary}\n{sim}");
     if !settled {
         for t in tracks.iter().filter(|t| !t.done()) {
             println!("  open: {}/{}: {:?}", t.station, t.request_id, t.states());
         }
     }
     assert!(settled, "{spec}: not every charge ended: {summary}");
-    assert!(sim.duplicated.is_empty(), "{spec}: duplicated: {:?}", sim.duplicated);
+    assert!(
+        sim.duplicated.is_empty(),
+        "{spec}: duplicated: {:?}",
+        sim.duplicated
+    );
     assert!(summary.lost.is_empty(), "{spec}: lost: {:?}", summary.lost);
     assert!(
         summary.never_accepted.is_empty(),
@@ -94,8 +96,16 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
         summary.never_accepted
     );
     assert_eq!(summary.refused, 0, "{spec}: {summary}");
-    assert!(summary.double_final.is_empty(), "{spec}: {:?}", summary.double_final);
-    assert!(sim.false_approvals.is_empty(), "{spec}: {:?}", sim.false_approvals);
+    assert!(
+        summary.double_final.is_empty(),
+        "{spec}: {:?}",
+        summary.double_final
+    );
+    assert!(
+        sim.false_approvals.is_empty(),
+        "{spec}: {:?}",
+        sim.false_approvals
+    );
     agent.stop_term_async().await;
     fleet.stop().await;
     Round {
