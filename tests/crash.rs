@@ -191,3 +191,94 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
     agent.stop_term_async().await;
     fleet.stop().await;
 }
+
+/// The checks above can fail: a reference committed twice, an accepted charge with no
+/// end, two final states, and an `approved` whose payment was rejected are all caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checks_catch_a_duplicate_a_lost_charge_and_a_false_approval() {
+    use common::fleet::{sim_client, Track};
+    use pointgate::sim::{self, SimConfig, TerminalMode};
+    use serde_json::json;
+
+    let devices = vec!["PAX_A910__NEG1".to_string(), "PAX_A910__NEG2".to_string()];
+    let sim = sim::start(SimConfig {
+        token: common::agent::TOKEN.into(),
+        devices: devices.clone(),
+        terminal: TerminalMode::Auto {
+            pickup: Duration::from_millis(5),
+            process: Duration::from_millis(15),
+        },
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let client = sim_client(&sim);
+    let mut ids = Vec::new();
+    // The same reference on two terminals: a duplicated create. 12.00 is rejected.
+    for device in &devices {
+        let answer: serde_json::Value = client
+            .post(format!(
+                "{}/point/integration-api/devices/{device}/payment-intents",
+                sim.base_url()
+            ))
+            .bearer_auth(common::agent::TOKEN)
+            .json(&json!({"amount": 1200, "additional_info": {
+                "external_reference": "neg-ref", "print_on_terminal": true, "ticket_number": "T-1"}}))
+            .send()
+            .await
+            .expect("create answered")
+            .json()
+            .await
+            .expect("JSON");
+        ids.push(answer["id"].as_str().expect("an id").to_string());
+    }
+    let sim_ref = &sim;
+    let ids_ref = &ids;
+    assert!(
+        common::wait_until_async(Duration::from_secs(10), || {
+            ids_ref
+                .iter()
+                .all(|i| sim_ref.intent(i).is_some_and(|v| v.payment_id.is_some()))
+        })
+        .await
+    );
+    let intent = sim.intent(&ids[0]).expect("intent");
+    let payment = intent.payment_id.clone().expect("payment");
+
+    let mut approved = Track::synthetic("st-1", "r-approved", &devices[0], "12.00");
+    approved.push_event(
+        json!({"request_id": "r-approved", "state": "accepted", "seq": 1, "final": false}),
+    );
+    approved.push_event(
+        json!({"request_id": "r-approved", "state": "approved", "seq": 2, "final": true,
+        "intent_id": ids[0], "payment": {"id": payment, "status": "approved"}}),
+    );
+    let mut lost = Track::synthetic("st-1", "r-lost", &devices[1], "15.00");
+    lost.push_event(json!({"request_id": "r-lost", "state": "sent", "seq": 2, "final": false}));
+    let mut twice = Track::synthetic("st-1", "r-twice", &devices[1], "15.00");
+    twice
+        .push_event(json!({"request_id": "r-twice", "state": "declined", "seq": 3, "final": true}));
+    twice
+        .push_event(json!({"request_id": "r-twice", "state": "approved", "seq": 4, "final": true}));
+    let unheard = Track::synthetic("st-1", "r-unheard", &devices[1], "15.00");
+    let tracks = vec![approved, lost, twice, unheard];
+
+    let summary = Summary::of(&tracks);
+    assert_eq!(summary.lost, vec!["st-1/r-lost".to_string()]);
+    assert_eq!(summary.never_accepted, vec!["st-1/r-unheard".to_string()]);
+    assert_eq!(summary.double_final.len(), 1, "{summary}");
+    let check = SimCheck::of(&sim, &tracks).await;
+    assert_eq!(check.duplicated, vec!["neg-ref".to_string()]);
+    assert_eq!(
+        check.false_approvals.len(),
+        1,
+        "{check}: {:?}",
+        check.false_approvals
+    );
+    assert!(
+        check.false_approvals[0].contains("rejected"),
+        "{:?}",
+        check.false_approvals
+    );
+    sim.shutdown();
+}

@@ -106,6 +106,38 @@ pub struct Track {
 }
 
 impl Track {
+    /// A charge as if sent now and nothing heard yet: for the checks' negative controls.
+    pub fn synthetic(station: &str, request_id: &str, terminal: &str, amount: &str) -> Track {
+        Track {
+            n: 0,
+            station: station.to_string(),
+            request_id: request_id.to_string(),
+            terminal: terminal.to_string(),
+            amount: amount.to_string(),
+            external_reference: None,
+            expires_at_ms: None,
+            payload: Vec::new(),
+            sends: 1,
+            first_sent_ms: unix_ms(),
+            last_sent: Instant::now(),
+            accepted: false,
+            events: Vec::new(),
+            final_event: None,
+            final_states: BTreeSet::new(),
+            needs_attention: false,
+            refused: None,
+        }
+    }
+
+    /// Records an event as a station would have received it.
+    pub fn push_event(&mut self, v: Value) {
+        let mut s = State::default();
+        let key = (self.station.clone(), self.request_id.clone());
+        s.tracks.insert(key.clone(), self.clone());
+        record(&mut s, &self.station.clone(), v);
+        *self = s.tracks.remove(&key).expect("the track is there");
+    }
+
     pub fn done(&self) -> bool {
         self.final_event.is_some() || self.needs_attention || self.refused.is_some()
     }
