@@ -344,7 +344,7 @@ fn check_order(
                 && c.line < puback_line
         })
         .map(|c| c.line)
-        .last()
+        .next_back()
         .ok_or_else(|| {
             format!(
                 "no fdatasync/fsync of {db} returned between the command (line {}) and its PUBACK (line {})",

@@ -162,7 +162,7 @@ fn the_rate_check_sees_a_storm_and_passes_a_paced_flow() {
     assert!(rate_violations(&paced, 5, 5).is_empty());
     assert_eq!(max_in_window(&paced, 1000), 5);
     // 30 at once after an outage: a storm.
-    let storm: Vec<RequestLog> = (0..30).map(|i| at(i)).collect();
+    let storm: Vec<RequestLog> = (0..30).map(at).collect();
     assert!(!rate_violations(&storm, 5, 5).is_empty());
     // 8 per second sustained: over the limit in the longer windows.
     let fast: Vec<RequestLog> = (0..80).map(|i| at(i * 125)).collect();
