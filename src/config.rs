@@ -40,8 +40,9 @@ pub const DEFAULTS_TOML: &str = include_str!("../packaging/pointgate.toml");
 /// Environment variables that configure keys start with this.
 pub const ENV_PREFIX: &str = "POINTGATE_";
 
-/// Variables with the prefix that are not key overrides.
-const ENV_NOT_KEYS: &[&str] = &["POINTGATE_CONFIG"];
+/// Variables with the prefix that are not key overrides: the config file's name, and the
+/// fail point a test build arms (`crate::failpoint`; ignored by other builds).
+const ENV_NOT_KEYS: &[&str] = &["POINTGATE_CONFIG", "POINTGATE_FAILPOINT"];
 
 /// A configuration that cannot be used. Every variant names the key (or the file) at
 /// fault; all of them mean exit 78.

@@ -4,6 +4,10 @@
 //!   `mosquitto_pub` / `mosquitto_sub` clients ([`mosquitto_pub`], [`MosquittoSub`]).
 //! - [`mqtt`]: test stations, MQTT 5 ([`MqttStation`]) and 3.1.1 ([`MqttStation311`]).
 //! - [`pki`]: test certificates ([`TestPki`]).
+//! - [`process`]: the agent binary as a separate process ([`process::ProcAgent`]), for
+//!   crash, fail-point and strace tests.
+//! - [`fleet`]: stations that keep charges flowing and re-send unacknowledged commands,
+//!   and what each charge came to ([`fleet::Fleet`], [`fleet::Summary`]).
 //! - [`util`]: [`free_port`], bounded polling ([`wait_until`], [`wait_until_async`]),
 //!   scratch directories ([`Workdir`]).
 //!
@@ -19,10 +23,12 @@ pub mod acl;
 pub mod agent;
 pub mod agent_proc;
 pub mod cli;
+pub mod fleet;
 pub mod logs;
 pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
+pub mod process;
 pub mod proxy;
 pub mod util;
 
