@@ -133,7 +133,7 @@ async fn the_page_s_mqtt5_mosquitto_pub_request_gets_its_events_on_the_response_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs python3 with paho-mqtt 2.x (pip install 'paho-mqtt>=2'); run with --ignored"]
+// Needs python3 with paho-mqtt 2.x: `.ci/run deps` installs it (pip install 'paho-mqtt>=2,<3').
 async fn the_page_s_python_example_charges_and_exits_0_on_approved() {
     let (broker, mut agent) = world().await;
     let python = blocks("python").into_iter().next().expect("a python block");
