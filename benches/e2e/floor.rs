@@ -102,7 +102,13 @@ pub fn https_client(ca_pem: &str) -> Result<reqwest::Client> {
 }
 
 /// A bare HTTPS GET on one kept-alive rustls connection to the simulator, in ms.
-pub async fn https(base_url: &str, ca_pem: &str, token: &str, path: &str, n: usize) -> Result<Vec<f64>> {
+pub async fn https(
+    base_url: &str,
+    ca_pem: &str,
+    token: &str,
+    path: &str,
+    n: usize,
+) -> Result<Vec<f64>> {
     let client = https_client(ca_pem)?;
     let url = format!("{base_url}{path}");
     let mut out = Vec::with_capacity(n);

@@ -93,7 +93,12 @@ fn charge_payload(request_id: &str) -> String {
 impl Fleet {
     /// Connects `clients` connections sharing `stations` station ids, plus one that
     /// watches `agent/status`; returns once every subscription is acknowledged.
-    pub async fn connect(port: u16, prefix: &str, stations: usize, clients: usize) -> Result<Fleet> {
+    pub async fn connect(
+        port: u16,
+        prefix: &str,
+        stations: usize,
+        clients: usize,
+    ) -> Result<Fleet> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
@@ -106,7 +111,14 @@ impl Fleet {
             let mine: Vec<usize> = (0..stations).filter(|s| s % clients == c).collect();
             let (tx, rx) = mpsc::unbounded_channel();
             let (sub_tx, sub_rx) = tokio::sync::oneshot::channel();
-            spawn_client(port, format!("bench-stations-{c}"), shared.clone(), mine, rx, sub_tx)?;
+            spawn_client(
+                port,
+                format!("bench-stations-{c}"),
+                shared.clone(),
+                mine,
+                rx,
+                sub_tx,
+            )?;
             senders.push(tx);
             subacks.push(sub_rx);
         }
@@ -132,7 +144,11 @@ impl Fleet {
     }
 
     /// Waits until `pred` holds over the fleet's counters, or `timeout`.
-    pub async fn wait_for(&self, timeout: Duration, mut pred: impl FnMut(&Counters) -> bool) -> bool {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Counters) -> bool,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.changed.notified();
@@ -167,18 +183,27 @@ impl Fleet {
             },
         );
         let c = station % self.senders.len();
-        let _ = self.senders[c].send(Outgoing { request_id, station });
+        let _ = self.senders[c].send(Outgoing {
+            request_id,
+            station,
+        });
     }
 
     /// Closed loop: each station in `stations` sends `per_station` charges, the next one
     /// as soon as the previous one's final event arrives.
-    pub fn start_closed_loop(&self, tag: &str, stations: std::ops::Range<usize>, per_station: usize) {
+    pub fn start_closed_loop(
+        &self,
+        tag: &str,
+        stations: std::ops::Range<usize>,
+        per_station: usize,
+    ) {
         let mut first = Vec::new();
         {
             let mut s = self.shared.lock();
             for st in stations {
-                let mut q: std::collections::VecDeque<String> =
-                    (0..per_station).map(|n| format!("{tag}-{st}-{n}")).collect();
+                let mut q: std::collections::VecDeque<String> = (0..per_station)
+                    .map(|n| format!("{tag}-{st}-{n}"))
+                    .collect();
                 for id in &q {
                     s.charges.insert(
                         id.clone(),

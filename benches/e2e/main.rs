@@ -48,6 +48,9 @@ struct Args {
     /// or `embedded` (rumqttd in this process).
     #[arg(long, default_value = "mosquitto")]
     broker: String,
+    /// An extra line for mosquitto.conf (repeatable), e.g. `set_tcp_nodelay true`.
+    #[arg(long = "mosquitto-conf")]
+    mosquitto_conf: Vec<String>,
     /// Stations, each with its own terminal [full: 1000, quick: 20].
     #[arg(long)]
     stations: Option<usize>,
@@ -155,7 +158,9 @@ fn mib(kib: u64) -> f64 {
 async fn run(args: Args) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let plan = args.plan();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("bench");
     std::fs::create_dir_all(&root)?;
     let tmp = tempfile::Builder::new().prefix("e2e-").tempdir_in(&root)?;
     let work = tmp.path().to_path_buf();
@@ -171,7 +176,7 @@ async fn run(args: Args) -> Result<()> {
 
     let broker = match args.broker.as_str() {
         "embedded" => Broker::start_embedded()?,
-        _ => match Broker::start_mosquitto(&work) {
+        _ => match Broker::start_mosquitto(&work, &args.mosquitto_conf) {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("WARNING: {e:#}\nWARNING: falling back to the embedded broker (labelled in the results)");
@@ -258,7 +263,11 @@ impl Bench {
             None => Agent::spawn(&self.bin, config, &self.work, tag)?,
             Some(w) => Agent::spawn_wrapped(w, &self.bin, config, &self.work, tag)?,
         };
-        let timeout = if self.args.agent_wrap.is_some() { 300 } else { 60 };
+        let timeout = if self.args.agent_wrap.is_some() {
+            300
+        } else {
+            60
+        };
         if !self
             .fleet
             .wait_for(Duration::from_secs(timeout), |c| c.online)
@@ -324,7 +333,13 @@ impl Bench {
 }
 
 impl Agent {
-    fn spawn_wrapped(wrap: &str, bin: &Path, config: &Path, work: &Path, tag: &str) -> Result<Agent> {
+    fn spawn_wrapped(
+        wrap: &str,
+        bin: &Path,
+        config: &Path,
+        work: &Path,
+        tag: &str,
+    ) -> Result<Agent> {
         // A wrapper script keeps `Agent::spawn` simple: it execs the wrapper with the agent.
         let script = work.join(format!("wrap-{tag}.sh"));
         std::fs::write(
@@ -385,7 +400,12 @@ fn latencies(b: &Bench, tag: &str) -> Lat {
 }
 
 /// Samples the agent every 250 ms until stopped; returns the samples.
-fn sampler(pid: u32) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Vec<procs::ProcSample>>) {
+fn sampler(
+    pid: u32,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Vec<procs::ProcSample>>,
+) {
     let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
     let h = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -432,8 +452,13 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     );
     b.paced("lat", plan.latency_charges, b.args.latency_rate, stations)
         .await;
-    b.wait_finals(base, plan.latency_charges as u64, Duration::from_secs(120), "latency")
-        .await?;
+    b.wait_finals(
+        base,
+        plan.latency_charges as u64,
+        Duration::from_secs(120),
+        "latency",
+    )
+    .await?;
     let lat = latencies(b, "lat");
 
     // ---- HTTPS floor: a GET of an intent, as a poll is ----
@@ -463,7 +488,8 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     let cpu0 = agent.sample()?.cpu_ticks;
     let (stop_sampling, samples) = sampler(agent.pid());
     let t0 = Instant::now();
-    b.fleet.start_closed_loop("tp", 0..plan.stations, plan.charges);
+    b.fleet
+        .start_closed_loop("tp", 0..plan.stations, plan.charges);
     let tp_timeout = Duration::from_secs((n_tp / 20).max(120));
     let waited = b.wait_finals(base, n_tp, tp_timeout, "throughput").await;
     let elapsed = t0.elapsed();
@@ -524,7 +550,8 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     let recovered = Instant::now();
     let recovered_unix_ms = load::unix_us() / 1000;
     b.sim.set_fault(Fault::None);
-    b.wait_finals(base, k, Duration::from_secs(600), "backlog").await?;
+    b.wait_finals(base, k, Duration::from_secs(600), "backlog")
+        .await?;
     let bk = b.fleet.charges("bk");
     let drained = bk
         .iter()
@@ -546,7 +573,10 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     let x86_note = if b.bin.components().any(|c| c.as_os_str() == "release") {
         "the release profile strips".to_string()
     } else {
-        format!("{} is not a release build: not a size figure", b.bin.display())
+        format!(
+            "{} is not a release build: not a size figure",
+            b.bin.display()
+        )
     };
     let arm_path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/aarch64-unknown-linux-gnu/release/pointgate");
@@ -580,88 +610,299 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     let exec50 = p(&exec, 50.0);
 
     let mut rows = vec![
-        Row::new("floor_mqtt_hop_p50", "floor: MQTT QoS 1 publish → subscriber p50", hop50, "ms"),
-        Row::new("floor_mqtt_hop_p99", "floor: MQTT QoS 1 publish → subscriber p99", hop99, "ms"),
-        Row::new("floor_mqtt_puback_p50", "floor: MQTT QoS 1 publish → PUBACK p50", p(&mqtt_puback, 50.0), "ms"),
-        Row::new("floor_https_p50", "floor: HTTPS GET, kept-alive rustls p50", h50, "ms"),
-        Row::new("floor_https_p99", "floor: HTTPS GET, kept-alive rustls p99", h99, "ms"),
-        Row::new("floor_fdatasync_p50", "floor: 200 B write + fdatasync p50", fs50, "ms"),
-        Row::new("floor_fdatasync_p99", "floor: 200 B write + fdatasync p99", fs99, "ms"),
-        Row::new("floor_exec_p50", "floor: spawn → exit of `pointgate --version` p50", exec50, "ms"),
-        Row::new("accept_p50", "accept latency p50 (paced)", p(&lat.accept, 50.0), "ms")
-            .floor(accept_floor50, "2 MQTT hops + fdatasync")
-            .target(Target::AtMost(1.0)),
-        Row::new("accept_p99", "accept latency p99 (paced)", p(&lat.accept, 99.0), "ms")
-            .floor(accept_floor99, "2 MQTT hops + fdatasync, p99s")
-            .target(Target::AtMost(5.0)),
-        Row::new("accept_load_p50", "accept latency p50 under load (throughput phase)", p(&tp_lat.accept, 50.0), "ms")
-            .floor(accept_floor50, "2 MQTT hops + fdatasync"),
-        Row::new("accept_load_p99", "accept latency p99 under load (throughput phase)", p(&tp_lat.accept, 99.0), "ms")
-            .floor(accept_floor99, "2 MQTT hops + fdatasync, p99s")
-            .target(Target::AtMost(5.0)),
-        Row::new("create_p50", "create latency p50 (publish → intent at the simulator)", p(&lat.create, 50.0), "ms")
-            .floor(create_floor50, "MQTT hop + HTTPS + fdatasync")
-            .target(Target::AtMost(create_floor50.map(|f| 1.5 * f).unwrap_or(f64::NAN)))
-            .note("simulator stamps whole ms: ±0.5 ms; target = 1.5 × floor"),
-        Row::new("create_p99", "create latency p99", p(&lat.create, 99.0), "ms")
-            .floor(create_floor99, "MQTT hop + HTTPS + fdatasync, p99s"),
-        Row::new("sent_p50", "publish → `sent` event p50", p(&lat.sent, 50.0), "ms")
-            .floor(sent_floor50, "create floor + MQTT hop back")
-            .note("µs clock: a bound on create latency + one hop"),
-        Row::new("sent_p99", "publish → `sent` event p99", p(&lat.sent, 99.0), "ms"),
-        Row::new("cycle_p50", "full cycle to final p50 (paced)", p(&lat.cycle, 50.0), "ms")
-            .floor(cycle_floor50, "create floor + poll interval + 2 HTTPS + hop"),
-        Row::new("cycle_p99", "full cycle to final p99 (paced)", p(&lat.cycle, 99.0), "ms")
-            .floor(cycle_floor99, "same, p99s"),
-        Row::new("cycle_load_p50", "full cycle p50 under load", p(&tp_lat.cycle, 50.0), "ms")
-            .floor(cycle_floor50, "create floor + poll interval + 2 HTTPS + hop"),
-        Row::new("cycle_load_p99", "full cycle p99 under load", p(&tp_lat.cycle, 99.0), "ms"),
-        Row::new("throughput", "sustained throughput to final", Some(throughput), "charges/s")
-            .target(Target::AtLeast(1000.0))
-            .note(format!(
-                "{} stations/terminals closed loop × {}, poll {}, limit {} req/s",
-                plan.stations, plan.charges, b.args.poll_interval, b.args.rps
-            )),
-        Row::new("backlog_drain", "backlog drain after the outage", Some(drained), "ms")
-            .floor(Some(drain_floor), &format!("{drain_requests} requests ÷ {} req/s", plan.backlog_rps))
-            .note(format!("{} charges queued during Fault::Down", plan.backlog)),
-        Row::new("rss_idle", "agent RSS idle (empty store)", Some(mib(idle.rss_kib)), "MiB")
-            .target(Target::AtMost(16.0)),
-        Row::new("rss_load", "agent RSS under load (max)", Some(mib(rss_load)), "MiB")
-            .note(format!("VmHWM after the load: {:.1} MiB", mib(loaded.hwm_kib))),
-        Row::new("rss_records", &format!("agent RSS with {records} records (after the load)"), Some(mib(loaded.rss_kib)), "MiB")
-            .target(Target::AtMost(48.0)),
-        Row::new("rss_records_restart", &format!("agent RSS with {records} records (fresh start)"), Some(mib(restarted.rss_kib)), "MiB")
-            .target(Target::AtMost(48.0)),
-        Row::new("fds", "agent open fds idle / under load (max)", Some(idle.fds as f64), "fds")
-            .note(format!("max under load: {fds_load}")),
-        Row::new("cpu_per_charge", "agent CPU per charge (user+sys)", Some(cpu_per_charge), "ms")
-            .target(Target::AtMost(0.5))
-            .note(format!("tick {} ms", 1000 / b.ticks.max(1))),
-        Row::new("store_per_charge", "store on disk per charge (running)", Some(store_live as f64 / records as f64), "B")
-            .floor(Some(info_per_charge), "command + event payloads")
-            .note(format!("{} B apparent, {} B allocated", store_live, store_live_alloc)),
-        Row::new("store_per_charge_stopped", "store on disk per charge (after stop)", Some(store_stopped as f64 / records as f64), "B")
-            .floor(Some(info_per_charge), "command + event payloads")
-            .note(format!("{} B apparent, {} B allocated", store_stopped, store_stopped_alloc)),
-        Row::new("store_after_pruning", "store on disk after retention pruning", None, "B")
-            .note("n/a (not implemented)"),
-        Row::new("cold_start_empty", "cold start to ready, empty store", Some(cold_empty), "ms")
-            .floor(exec50, "exec of the binary")
-            .target(Target::AtMost(200.0))
-            .note(format!("ready = {ready_via}")),
-        Row::new("cold_start_records", &format!("cold start to ready, {records} records"), Some(cold_full), "ms")
-            .floor(exec50, "exec of the binary")
-            .target(Target::AtMost(1000.0)),
-        Row::new("stop", "clean stop (SIGTERM → exit) after the load", stop_time.map(ms), "ms"),
-        Row::new("bin_x86_64", "stripped binary x86_64", x86.map(|v| v as f64 / 1e6), "MB")
-            .note(x86_note),
-        Row::new("bin_aarch64", "stripped binary aarch64", arm.map(|v| v as f64 / 1e6), "MB")
-            .target(Target::AtMost(6.0))
-            .note(arm_note),
+        Row::new(
+            "floor_mqtt_hop_p50",
+            "floor: MQTT QoS 1 publish → subscriber p50",
+            hop50,
+            "ms",
+        ),
+        Row::new(
+            "floor_mqtt_hop_p99",
+            "floor: MQTT QoS 1 publish → subscriber p99",
+            hop99,
+            "ms",
+        ),
+        Row::new(
+            "floor_mqtt_puback_p50",
+            "floor: MQTT QoS 1 publish → PUBACK p50",
+            p(&mqtt_puback, 50.0),
+            "ms",
+        ),
+        Row::new(
+            "floor_https_p50",
+            "floor: HTTPS GET, kept-alive rustls p50",
+            h50,
+            "ms",
+        ),
+        Row::new(
+            "floor_https_p99",
+            "floor: HTTPS GET, kept-alive rustls p99",
+            h99,
+            "ms",
+        ),
+        Row::new(
+            "floor_fdatasync_p50",
+            "floor: 200 B write + fdatasync p50",
+            fs50,
+            "ms",
+        ),
+        Row::new(
+            "floor_fdatasync_p99",
+            "floor: 200 B write + fdatasync p99",
+            fs99,
+            "ms",
+        ),
+        Row::new(
+            "floor_exec_p50",
+            "floor: spawn → exit of `pointgate --version` p50",
+            exec50,
+            "ms",
+        ),
+        Row::new(
+            "accept_p50",
+            "accept latency p50 (paced)",
+            p(&lat.accept, 50.0),
+            "ms",
+        )
+        .floor(accept_floor50, "2 MQTT hops + fdatasync")
+        .target(Target::AtMost(1.0)),
+        Row::new(
+            "accept_p99",
+            "accept latency p99 (paced)",
+            p(&lat.accept, 99.0),
+            "ms",
+        )
+        .floor(accept_floor99, "2 MQTT hops + fdatasync, p99s")
+        .target(Target::AtMost(5.0)),
+        Row::new(
+            "accept_load_p50",
+            "accept latency p50 under load (throughput phase)",
+            p(&tp_lat.accept, 50.0),
+            "ms",
+        )
+        .floor(accept_floor50, "2 MQTT hops + fdatasync"),
+        Row::new(
+            "accept_load_p99",
+            "accept latency p99 under load (throughput phase)",
+            p(&tp_lat.accept, 99.0),
+            "ms",
+        )
+        .floor(accept_floor99, "2 MQTT hops + fdatasync, p99s")
+        .target(Target::AtMost(5.0)),
+        Row::new(
+            "create_p50",
+            "create latency p50 (publish → intent at the simulator)",
+            p(&lat.create, 50.0),
+            "ms",
+        )
+        .floor(create_floor50, "MQTT hop + HTTPS + fdatasync")
+        .target(Target::AtMost(
+            create_floor50.map(|f| 1.5 * f).unwrap_or(f64::NAN),
+        ))
+        .note("simulator stamps whole ms: ±0.5 ms; target = 1.5 × floor"),
+        Row::new(
+            "create_p99",
+            "create latency p99",
+            p(&lat.create, 99.0),
+            "ms",
+        )
+        .floor(create_floor99, "MQTT hop + HTTPS + fdatasync, p99s"),
+        Row::new(
+            "sent_p50",
+            "publish → `sent` event p50",
+            p(&lat.sent, 50.0),
+            "ms",
+        )
+        .floor(sent_floor50, "create floor + MQTT hop back")
+        .note("µs clock: a bound on create latency + one hop"),
+        Row::new(
+            "sent_p99",
+            "publish → `sent` event p99",
+            p(&lat.sent, 99.0),
+            "ms",
+        ),
+        Row::new(
+            "cycle_p50",
+            "full cycle to final p50 (paced)",
+            p(&lat.cycle, 50.0),
+            "ms",
+        )
+        .floor(
+            cycle_floor50,
+            "create floor + poll interval + 2 HTTPS + hop",
+        ),
+        Row::new(
+            "cycle_p99",
+            "full cycle to final p99 (paced)",
+            p(&lat.cycle, 99.0),
+            "ms",
+        )
+        .floor(cycle_floor99, "same, p99s"),
+        Row::new(
+            "cycle_load_p50",
+            "full cycle p50 under load",
+            p(&tp_lat.cycle, 50.0),
+            "ms",
+        )
+        .floor(
+            cycle_floor50,
+            "create floor + poll interval + 2 HTTPS + hop",
+        ),
+        Row::new(
+            "cycle_load_p99",
+            "full cycle p99 under load",
+            p(&tp_lat.cycle, 99.0),
+            "ms",
+        ),
+        Row::new(
+            "throughput",
+            "sustained throughput to final",
+            Some(throughput),
+            "charges/s",
+        )
+        .target(Target::AtLeast(1000.0))
+        .note(format!(
+            "{} stations/terminals closed loop × {}, poll {}, limit {} req/s",
+            plan.stations, plan.charges, b.args.poll_interval, b.args.rps
+        )),
+        Row::new(
+            "backlog_drain",
+            "backlog drain after the outage",
+            Some(drained),
+            "ms",
+        )
+        .floor(
+            Some(drain_floor),
+            &format!("{drain_requests} requests ÷ {} req/s", plan.backlog_rps),
+        )
+        .note(format!(
+            "{} charges queued during Fault::Down",
+            plan.backlog
+        )),
+        Row::new(
+            "rss_idle",
+            "agent RSS idle (empty store)",
+            Some(mib(idle.rss_kib)),
+            "MiB",
+        )
+        .target(Target::AtMost(16.0)),
+        Row::new(
+            "rss_load",
+            "agent RSS under load (max)",
+            Some(mib(rss_load)),
+            "MiB",
+        )
+        .note(format!(
+            "VmHWM after the load: {:.1} MiB",
+            mib(loaded.hwm_kib)
+        )),
+        Row::new(
+            "rss_records",
+            &format!("agent RSS with {records} records (after the load)"),
+            Some(mib(loaded.rss_kib)),
+            "MiB",
+        )
+        .target(Target::AtMost(48.0)),
+        Row::new(
+            "rss_records_restart",
+            &format!("agent RSS with {records} records (fresh start)"),
+            Some(mib(restarted.rss_kib)),
+            "MiB",
+        )
+        .target(Target::AtMost(48.0)),
+        Row::new(
+            "fds",
+            "agent open fds idle / under load (max)",
+            Some(idle.fds as f64),
+            "fds",
+        )
+        .note(format!("max under load: {fds_load}")),
+        Row::new(
+            "cpu_per_charge",
+            "agent CPU per charge (user+sys)",
+            Some(cpu_per_charge),
+            "ms",
+        )
+        .target(Target::AtMost(0.5))
+        .note(format!("tick {} ms", 1000 / b.ticks.max(1))),
+        Row::new(
+            "store_per_charge",
+            "store on disk per charge (running)",
+            Some(store_live as f64 / records as f64),
+            "B",
+        )
+        .floor(Some(info_per_charge), "command + event payloads")
+        .note(format!(
+            "{} B apparent, {} B allocated",
+            store_live, store_live_alloc
+        )),
+        Row::new(
+            "store_per_charge_stopped",
+            "store on disk per charge (after stop)",
+            Some(store_stopped as f64 / records as f64),
+            "B",
+        )
+        .floor(Some(info_per_charge), "command + event payloads")
+        .note(format!(
+            "{} B apparent, {} B allocated",
+            store_stopped, store_stopped_alloc
+        )),
+        Row::new(
+            "store_after_pruning",
+            "store on disk after retention pruning",
+            None,
+            "B",
+        )
+        .note("n/a (not implemented)"),
+        Row::new(
+            "cold_start_empty",
+            "cold start to ready, empty store",
+            Some(cold_empty),
+            "ms",
+        )
+        .floor(exec50, "exec of the binary")
+        .target(Target::AtMost(200.0))
+        .note(format!("ready = {ready_via}")),
+        Row::new(
+            "cold_start_records",
+            &format!("cold start to ready, {records} records"),
+            Some(cold_full),
+            "ms",
+        )
+        .floor(exec50, "exec of the binary")
+        .target(Target::AtMost(1000.0)),
+        Row::new(
+            "stop",
+            "clean stop (SIGTERM → exit) after the load",
+            stop_time.map(ms),
+            "ms",
+        ),
+        Row::new(
+            "bin_x86_64",
+            "stripped binary x86_64",
+            x86.map(|v| v as f64 / 1e6),
+            "MB",
+        )
+        .note(x86_note),
+        Row::new(
+            "bin_aarch64",
+            "stripped binary aarch64",
+            arm.map(|v| v as f64 / 1e6),
+            "MB",
+        )
+        .target(Target::AtMost(6.0))
+        .note(arm_note),
     ];
     if b.args.quick {
-        rows.push(Row::new("quick", "QUICK MODE: counts too small for the targets", None, "").note("not a measurement"));
+        rows.push(
+            Row::new(
+                "quick",
+                "QUICK MODE: counts too small for the targets",
+                None,
+                "",
+            )
+            .note("not a measurement"),
+        );
     }
 
     let table = report::table(&rows);
@@ -684,6 +925,7 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
         "quick": b.args.quick,
         "machine": machine.json,
         "broker": b.broker.label(),
+        "mosquitto_conf_extra": b.args.mosquitto_conf,
         "agent_binary": b.bin.display().to_string(),
         "setup": {
             "stations": plan.stations, "charges_per_station": plan.charges,
@@ -707,7 +949,10 @@ async fn bench(b: &mut Bench, plan: &Plan, stations: usize) -> Result<()> {
     println!("JSON: {}", out.display());
     println!("took {:.0} s", started.elapsed().as_secs_f64());
     if lat.not_approved + tp_lat.not_approved > 0 {
-        bail!("{} charges did not end approved", lat.not_approved + tp_lat.not_approved);
+        bail!(
+            "{} charges did not end approved",
+            lat.not_approved + tp_lat.not_approved
+        );
     }
     Ok(())
 }
@@ -732,11 +977,21 @@ fn machine() -> Machine {
         .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
         .and_then(|k| k.parse::<u64>().ok())
         .unwrap_or(0);
     let disk = std::process::Command::new("findmnt")
-        .args(["-n", "-o", "SOURCE,FSTYPE", "-T", env!("CARGO_MANIFEST_DIR")])
+        .args([
+            "-n",
+            "-o",
+            "SOURCE,FSTYPE",
+            "-T",
+            env!("CARGO_MANIFEST_DIR"),
+        ])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
@@ -804,7 +1059,8 @@ async fn soak(b: &mut Bench, stations: usize, duration: Duration) -> Result<()> 
             }
         }
     }
-    b.wait_finals(base, fired as u64, Duration::from_secs(120), "soak").await?;
+    b.wait_finals(base, fired as u64, Duration::from_secs(120), "soak")
+        .await?;
     agent.stop(Duration::from_secs(30));
     if samples.len() < 8 {
         bail!("soak: too few samples ({}) for a verdict", samples.len());

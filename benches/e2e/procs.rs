@@ -18,7 +18,11 @@ pub const INSTALL_HINT: &str =
 
 /// The broker the run uses.
 pub enum Broker {
-    Mosquitto { child: Child, port: u16, version: String },
+    Mosquitto {
+        child: Child,
+        port: u16,
+        version: String,
+    },
     Embedded(pointgate::broker::EmbeddedBroker),
 }
 
@@ -51,7 +55,7 @@ impl Broker {
     }
 
     /// Mosquitto on a free port, its config and log in `dir`.
-    pub fn start_mosquitto(dir: &Path) -> Result<Broker> {
+    pub fn start_mosquitto(dir: &Path, extra: &[String]) -> Result<Broker> {
         let program = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .iter()
             .map(PathBuf::from)
@@ -66,7 +70,10 @@ impl Broker {
                 let text = String::from_utf8_lossy(&o.stdout).into_owned();
                 text.lines()
                     .next()
-                    .and_then(|l| l.split_whitespace().find(|w| w.starts_with(|c: char| c.is_ascii_digit())))
+                    .and_then(|l| {
+                        l.split_whitespace()
+                            .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+                    })
                     .map(str::to_string)
             })
             .unwrap_or_else(|| "?".into());
@@ -80,7 +87,8 @@ impl Broker {
                 format!(
                     "user root\nlog_dest stderr\nlog_type error\nlog_type warning\n\
                      allow_anonymous true\nmax_queued_messages 1000000\n\
-                     listener {port} 127.0.0.1\n"
+                     listener {port} 127.0.0.1\n{}\n",
+                    extra.join("\n")
                 ),
             )?;
             let log = OpenOptions::new()

@@ -120,7 +120,10 @@ pub fn table(rows: &[Row]) -> String {
             None if !r.floor_label.is_empty() => r.floor_label.clone(),
             None => "—".into(),
         };
-        let ratio = r.ratio().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "—".into());
+        let ratio = r
+            .ratio()
+            .map(|x| format!("{x:.2}×"))
+            .unwrap_or_else(|| "—".into());
         let target = match r.target {
             Some(Target::AtMost(t)) => format!("≤ {} {}", num(Some(t)), r.unit),
             Some(Target::AtLeast(t)) => format!("≥ {} {}", num(Some(t)), r.unit),
