@@ -89,6 +89,8 @@ pub enum ToEngine {
     Published { outbox_id: u64 },
     /// The link (re)connected: send it the whole outbox again, after a `Resync` marker.
     Connected { session_present: bool },
+    /// A liveness probe (the systemd watchdog): answered from the engine loop itself.
+    Ping(oneshot::Sender<()>),
 }
 
 /// Messages to the link's publisher.
@@ -552,6 +554,9 @@ impl<B: PointBackend> Engine<B> {
                 if !session_present {
                     self.republish_recent(now);
                 }
+            }
+            ToEngine::Ping(reply) => {
+                let _ = reply.send(());
             }
         }
     }
