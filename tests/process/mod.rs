@@ -163,6 +163,25 @@ impl ProcAgent {
         ProcAgent { child, stderr }
     }
 
+    /// [`ProcAgent::spawn`] with `JOURNAL_STREAM` naming the log file's device and inode,
+    /// as systemd sets it when stderr is the journal's stream: the agent logs natively to
+    /// journald (see `logging`).
+    pub fn spawn_as_journal_stream(mut cmd: Command, dir: &Workdir, name: &str) -> ProcAgent {
+        use std::os::unix::fs::MetadataExt;
+        let stderr = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&stderr).expect("create the agent log");
+        let meta = file.metadata().expect("stat the agent log");
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        let out = file.try_clone().expect("clone the log handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(file)
+            .spawn()
+            .expect("spawn the agent");
+        ProcAgent { child, stderr }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
