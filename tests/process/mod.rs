@@ -58,32 +58,12 @@ impl ProcSetup {
         .expect("simulator starts");
         let token_path = dir.write("access_token", token);
         set_mode(&token_path, 0o600);
-        let toml = format!(
-            r#"[store]
-id = "{STORE}"
-site = "MLA"
-
-[point]
-base_url = "{base}"
-access_token_file = "{token}"
-extra_ca_file = "{ca}"
-poll_interval = "100ms"
-max_requests_per_second = 50
-
-[mqtt]
-url = "{broker_url}"
-keep_alive = "5s"
-
-[queue]
-dir = "{state}"
-
-[stations.{STATION}]
-terminals = ["{TERMINAL}"]
-"#,
-            base = sim.base_url(),
-            token = token_path.display(),
-            ca = dir.join("sim-ca.pem").display(),
-            state = state.display(),
+        let toml = render_config(
+            &sim.base_url(),
+            broker_url,
+            &token_path,
+            &dir.join("sim-ca.pem"),
+            state,
         );
         let config = dir.write("pointgate.toml", toml);
         ProcSetup { sim, dir, config }
@@ -111,6 +91,43 @@ terminals = ["{TERMINAL}"]
         cmd.arg("run").arg("--config").arg(&self.config);
         cmd
     }
+}
+
+/// An agent config: one station (`STATION`, bound to `TERMINAL`), the simulator's CA
+/// trusted, fast polling.
+pub fn render_config(
+    base_url: &str,
+    broker_url: &str,
+    token: &Path,
+    ca: &Path,
+    state: &Path,
+) -> String {
+    format!(
+        r#"[store]
+id = "{STORE}"
+site = "MLA"
+
+[point]
+base_url = "{base_url}"
+access_token_file = "{token}"
+extra_ca_file = "{ca}"
+poll_interval = "100ms"
+max_requests_per_second = 50
+
+[mqtt]
+url = "{broker_url}"
+keep_alive = "5s"
+
+[queue]
+dir = "{state}"
+
+[stations.{STATION}]
+terminals = ["{TERMINAL}"]
+"#,
+        token = token.display(),
+        ca = ca.display(),
+        state = state.display(),
+    )
 }
 
 /// The agent binary under test, through its runner if any, with a clean environment for
