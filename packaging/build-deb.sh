@@ -90,6 +90,7 @@ fi
 # cargo-deb builds with the release profile (Cargo.toml) for the target, then packages.
 # --locked: the same dependency versions as CI.
 cargo deb --target "$target" "$@" -- --locked >&2
-deb=$(ls -t target/"$target"/debian/pointgate_*.deb | head -n 1)
-echo "built $(du -h "$deb" | cut -f1) $deb; binary $(du -h target/"$target"/release/pointgate | cut -f1)" >&2
+out=${CARGO_TARGET_DIR:-target}/$target
+deb=$(ls -t "$out"/debian/pointgate_*.deb | head -n 1)
+echo "built $(du -h "$deb" | cut -f1) $deb; binary $(du -h "$out"/release/pointgate | cut -f1)" >&2
 echo "$deb"
