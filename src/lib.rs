@@ -16,6 +16,7 @@
 //! - `store`: the only code that touches sled; versioned records, real fsync.
 //! - `point`: the Point API behind one trait; the Integrations backend.
 //! - `sim`: the Point API simulator; `broker`: the embedded broker of `demo`.
+//! - `service`: the systemd protocol (readiness, watchdog fed by the engine loop, stopping).
 //! - `control`: the operator's control socket (`pointgate status`, `pointgate queue`);
 //!   `charge`: `pointgate charge`, a station on the command line.
 //!
@@ -36,6 +37,7 @@ pub mod failpoint;
 pub mod logging;
 pub mod money;
 pub mod point;
+pub mod service;
 pub mod sim;
 pub mod station;
 pub mod store;
@@ -180,6 +182,7 @@ pub async fn run_with_reloads(
 
     let tasks = tokio_util::task::TaskTracker::new();
     let engine_stop = CancellationToken::new();
+    let watchdog_handle = handle.clone();
     let engine_task = tasks.spawn(engine.run(rx, engine_stop.clone()));
     match control::bind(&config.control.socket) {
         Ok(listener) => {
@@ -209,9 +212,20 @@ pub async fn run_with_reloads(
         link_rx,
         shutdown.clone(),
     ));
+    if let Some(interval) = service::watchdog_interval() {
+        tasks.spawn(service::watchdog(
+            watchdog_handle,
+            interval,
+            shutdown.clone(),
+        ));
+    }
     tasks.close();
+    // Ready: the store is open, open requests are resumed and the tasks run. Not waiting
+    // for the broker or the API: their health goes to the status topic.
+    service::notify_ready(resumed);
 
     shutdown.cancelled().await;
+    service::notify_stopping();
     // The link says offline and disconnects; then the engine makes its state durable.
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let link = link_task.await;

@@ -155,6 +155,8 @@ pub enum ToEngine {
     Reload {
         stations: BTreeMap<String, StationSection>,
     },
+    /// A liveness probe (the systemd watchdog): answered from the engine loop itself.
+    Ping(oneshot::Sender<()>),
 }
 
 /// Messages to the link's publisher.
@@ -767,6 +769,9 @@ impl<B: PointBackend> Engine<B> {
             }
             ToEngine::Control { request, reply } => self.on_control(request, reply),
             ToEngine::Reload { stations } => self.on_reload(stations),
+            ToEngine::Ping(reply) => {
+                let _ = reply.send(());
+            }
         }
     }
 
