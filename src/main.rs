@@ -302,7 +302,12 @@ fn check_config(path: &Path) -> Result<(), Failure> {
 fn run(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
     pointgate::logging::init(&config.log.level);
+    // The agent is one busy engine task plus I/O: two workers, and a small blocking pool
+    // (DNS lookups run there; unbounded, a burst of new connections made hundreds of
+    // threads, each with its stack: docs/performance.md).
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

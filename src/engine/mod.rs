@@ -385,10 +385,14 @@ impl TokenBucket {
         }
     }
 
+    /// Requests in flight at once, whatever the limit: each needs a connection (a TLS
+    /// handshake, a file descriptor), and a few kept-alive ones serve a store.
+    const MAX_INFLIGHT: usize = 32;
+
     /// May a request leave now? If so it is counted.
     fn take(&mut self, now: i64) -> bool {
         self.purge(now);
-        if self.inflight + self.answered.len() < self.limit {
+        if self.inflight < Self::MAX_INFLIGHT && self.inflight + self.answered.len() < self.limit {
             self.inflight += 1;
             true
         } else {
@@ -405,6 +409,10 @@ impl TokenBucket {
     /// When the next request may leave, if no answer comes first (answers wake the
     /// engine anyway).
     fn next_at(&self) -> i64 {
+        if self.inflight >= Self::MAX_INFLIGHT {
+            // An answer wakes the engine.
+            return i64::MAX;
+        }
         if self.inflight + self.answered.len() < self.limit {
             return 0;
         }
@@ -501,6 +509,8 @@ pub struct Engine<B: PointBackend> {
     failing_since_ms: Option<i64>,
     /// A 429's `Retry-After`: no call leaves before this.
     paused_until_ms: i64,
+    /// Terminals whose requests changed since their state was last published.
+    touched_terminals: HashSet<String>,
     /// The latest clock reading, to notice the clock going backwards.
     last_now_ms: i64,
     next_prune_ms: i64,
@@ -548,6 +558,7 @@ impl<B: PointBackend> Engine<B> {
             health: ApiHealth::Ok,
             failing_since_ms: None,
             paused_until_ms: 0,
+            touched_terminals: HashSet::new(),
             last_now_ms: now,
             next_prune_ms: now,
             published_status: None,
@@ -1300,7 +1311,13 @@ impl<B: PointBackend> Engine<B> {
     }
 
     fn schedule_terminals(&mut self, now: i64) {
-        let names: Vec<String> = self.terminals.keys().cloned().collect();
+        // Only terminals with someone waiting have anything to schedule.
+        let names: Vec<String> = self
+            .terminals
+            .iter()
+            .filter(|(_, q)| !q.waiting.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in names {
             // Drop entries that ended while waiting (expired, canceled).
             if let Some(q) = self.terminals.get_mut(&name) {
@@ -1516,6 +1533,11 @@ impl<B: PointBackend> Engine<B> {
     /// Write the batch, sync once, then acknowledge and publish.
     fn commit(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
+        for k in &dirty {
+            if let Some(t) = self.active.get(k).and_then(store::terminal_of) {
+                self.touched_terminals.insert(t.to_string());
+            }
+        }
         for k in &dirty {
             if let Some(r) = self.active.get(k) {
                 self.writes.requests.push(r.clone());
@@ -1734,10 +1756,23 @@ impl<B: PointBackend> Engine<B> {
         }
     }
 
+    /// Publish the retained state of every terminal whose state may have changed: those
+    /// touched by this turn's writes, those never published (or to publish again after a
+    /// reconnect or a device refresh), and bound terminals not seen yet.
     fn publish_terminals(&mut self) {
-        let mut names: BTreeSet<String> = self.terminals.keys().cloned().collect();
+        let touched = std::mem::take(&mut self.touched_terminals);
+        let mut names: BTreeSet<String> = self
+            .terminals
+            .iter()
+            .filter(|(n, q)| q.published.is_none() || touched.contains(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
         for s in self.s.stations.values() {
-            names.extend(s.terminals.iter().cloned());
+            for t in &s.terminals {
+                if !self.terminals.contains_key(t) {
+                    names.insert(t.clone());
+                }
+            }
         }
         for name in names {
             let ts = self.terminal_state(&name);

@@ -100,6 +100,11 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
     // Keep the session (and the commands queued in it) for a week of absence.
     o.set_session_expiry_interval(Some(7 * 24 * 3600));
     o.set_manual_acks(true);
+    // Small latency-bound packets (PUBACKs, events): Nagle's algorithm would hold each one
+    // behind the previous write's ACK (40 ms of delayed ACK; docs/performance.md).
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    o.set_network_options(net);
     o.set_max_packet_size(Some(256 * 1024));
     o.set_last_will(LastWill::new(
         cfg.topics.status(),

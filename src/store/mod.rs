@@ -11,6 +11,7 @@
 //! | `dedup`    | the request's key                    | `DedupEntry` (postcard): SHA-256 of the normalised command, received time |
 //! | `queue`    | `<terminal> 0x00 <received_ms u64 BE> <request key>` | empty: the per-terminal order of open charges |
 //! | `done`     | `<final_ms u64 BE> <request key>`    | empty: final requests by end time (retention, republish) |
+//! | `open`     | the request's key                    | empty: requests not final (recovery reads only these) |
 //! | `refs`     | `external_reference` (UTF-8)         | the owning request's key |
 //! | `outbox`   | outbox id, u64 big-endian            | `OutboxEntry` (postcard) |
 //! | `meta`     | `b"format"`                          | `FORMAT_VERSION` as one byte |
@@ -25,8 +26,9 @@
 //! so the key is unambiguous. Outbox ids grow monotonically, so iterating the outbox
 //! replays events in the order they were recorded, hence in `seq` order per request.
 //! `dedup`, `queue` and `done` are indexes kept by `Store::write` in the same transaction
-//! as the request they index: a request's first write adds its `dedup` and (for a charge)
-//! `queue` entries; its final write removes the `queue` entry and adds the `done` entry.
+//! as the request they index: a request's first write adds its `dedup`, `open` and (for a
+//! charge or a refund via terminal) `queue` entries; its final write removes the `open` and
+//! `queue` entries and adds the `done` entry.
 //! `Store::prune` removes a request with all its index entries and its reference.
 //!
 //! Records are postcard, which is not self-describing: every value is an enum whose
@@ -193,7 +195,7 @@ pub fn content_hash(body: &CommandBody) -> [u8; 32] {
 
 /// The terminal a request occupies while it is open, if it queues on one: a charge's,
 /// or the paying terminal of a refund via terminal.
-fn terminal_of(r: &Request) -> Option<&str> {
+pub fn terminal_of(r: &Request) -> Option<&str> {
     match (&r.body, &r.progress) {
         (CommandBody::Charge(c), _) => Some(&c.terminal),
         (_, Progress::Refund(rf)) => rf.terminal.as_deref(),
@@ -301,6 +303,7 @@ pub struct Store {
     dedup: sled::Tree,
     queue: sled::Tree,
     done: sled::Tree,
+    open: sled::Tree,
     meta: sled::Tree,
     data_file: File,
     /// Test builds: writes fail (fail point `store_write_error`), as on a full or dead disk.
@@ -341,6 +344,7 @@ impl Store {
         let dedup = db.open_tree("dedup")?;
         let queue = db.open_tree("queue")?;
         let done = db.open_tree("done")?;
+        let open = db.open_tree("open")?;
         let next = match outbox.last()? {
             Some((k, _)) => u64_from_key(&k) + 1,
             None => 1,
@@ -355,6 +359,7 @@ impl Store {
             dedup,
             queue,
             done,
+            open,
             meta,
             data_file,
             fail_writes: crate::failpoint::armed(crate::failpoint::STORE_WRITE_ERROR),
@@ -468,6 +473,7 @@ impl Store {
         let k = r.key();
         self.requests.remove(&k)?;
         self.dedup.remove(&k)?;
+        self.open.remove(&k)?;
         if let Some(t) = terminal_of(r) {
             self.queue.remove(queue_key(t, r.received_ms, &k))?;
         }
@@ -484,14 +490,17 @@ impl Store {
         self.requests.len()
     }
 
-    /// Every request that is not final (for recovery at start).
+    /// Every request that is not final (for recovery at start): read through the `open`
+    /// index, so a store full of final requests starts as fast as an empty one.
     pub fn open_requests(&self) -> Result<Vec<Request>, StoreError> {
         let mut out = Vec::new();
-        for item in self.requests.iter() {
-            let (_, v) = item?;
-            let r = decode_request(&v)?;
-            if !r.is_final() {
-                out.push(r);
+        for item in self.open.iter() {
+            let (k, _) = item?;
+            if let Some(v) = self.requests.get(&k)? {
+                let r = decode_request(&v)?;
+                if !r.is_final() {
+                    out.push(r);
+                }
             }
         }
         Ok(out)
@@ -544,14 +553,18 @@ impl Store {
                 });
                 let bytes = postcard::to_stdvec(&d).map_err(StoreError::Encode)?;
                 index.push((0, k.clone(), Some(bytes)));
-                if let (Some(t), None) = (terminal_of(r), r.final_ms) {
-                    index.push((1, queue_key(t, r.received_ms, &k), Some(Vec::new())));
+                if r.final_ms.is_none() {
+                    index.push((3, k.clone(), Some(Vec::new())));
+                    if let Some(t) = terminal_of(r) {
+                        index.push((1, queue_key(t, r.received_ms, &k), Some(Vec::new())));
+                    }
                 }
             }
             if let Some(f) = r.final_ms {
                 if let Some(t) = terminal_of(r) {
                     index.push((1, queue_key(t, r.received_ms, &k), None));
                 }
+                index.push((3, k.clone(), None));
                 index.push((2, done_key(f, &k), Some(Vec::new())));
             }
             reqs.push((k, encode_request(r)?));
@@ -571,9 +584,10 @@ impl Store {
             &self.dedup,
             &self.queue,
             &self.done,
+            &self.open,
             &self.meta,
         )
-            .transaction(|(rt, ft, ot, dt, qt, nt, mt)| {
+            .transaction(|(rt, ft, ot, dt, qt, nt, pt, mt)| {
                 for (k, v) in &reqs {
                     rt.insert(k.as_slice(), v.as_slice())?;
                 }
@@ -581,7 +595,8 @@ impl Store {
                     let t = match tree {
                         0 => dt,
                         1 => qt,
-                        _ => nt,
+                        2 => nt,
+                        _ => pt,
                     };
                     match v {
                         Some(v) => t.insert(k.as_slice(), v.as_slice())?,
