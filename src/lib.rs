@@ -27,10 +27,12 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "devtools")]
 pub mod broker;
 pub mod charge;
 pub mod config;
 pub mod control;
+#[cfg(feature = "devtools")]
 pub mod demo;
 pub mod engine;
 pub mod failpoint;
@@ -38,6 +40,7 @@ pub mod logging;
 pub mod money;
 pub mod point;
 pub mod service;
+#[cfg(feature = "devtools")]
 pub mod sim;
 pub mod station;
 pub mod store;

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use pointgate::config::{Config, ConfigError};
 use pointgate::control::{self, ControlReply, ControlRequest, Outcome, RequestDetail, RequestRow};
 use pointgate::money::Site;
+#[cfg(feature = "devtools")]
 use pointgate::sim::SimConfig;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -367,6 +368,7 @@ fn cancel_on_signals(shutdown: CancellationToken) -> std::io::Result<()> {
 }
 
 /// The simulator's configuration from the command line; unset flags keep its defaults.
+#[cfg(feature = "devtools")]
 fn sim_config(args: SimArgs) -> SimConfig {
     let defaults = SimConfig::default();
     SimConfig {
@@ -384,6 +386,7 @@ fn sim_config(args: SimArgs) -> SimConfig {
     }
 }
 
+#[cfg(feature = "devtools")]
 fn sim(args: SimArgs) -> Result<(), Failure> {
     pointgate::logging::init("info");
     let config = sim_config(args);
@@ -399,11 +402,34 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .context("cannot start the async runtime")?)
 }
 
+#[cfg(feature = "devtools")]
 fn demo() -> Result<(), Failure> {
     pointgate::logging::init("error,rumqttd=off");
     runtime()?
         .block_on(pointgate::demo::run())
         .map_err(|e| anyhow::anyhow!(e).into())
+}
+
+/// The packaged agent is built without the developer tools (the simulator and the
+/// demo's embedded broker: a smaller binary on the box, and no HTTP server code in the
+/// daemon). Said plainly instead of failing to parse.
+#[cfg(not(feature = "devtools"))]
+fn without_devtools(what: &str) -> Result<(), Failure> {
+    Err(anyhow::anyhow!(
+        "`pointgate {what}` is a developer tool, not in this build (the packaged agent is built \
+         without the `devtools` feature); run it from a source checkout: cargo run --release -- {what}"
+    )
+    .into())
+}
+
+#[cfg(not(feature = "devtools"))]
+fn sim(_args: SimArgs) -> Result<(), Failure> {
+    without_devtools("sim")
+}
+
+#[cfg(not(feature = "devtools"))]
+fn demo() -> Result<(), Failure> {
+    without_devtools("demo")
 }
 
 fn charge(args: ChargeCli) -> Result<(), Failure> {
@@ -736,6 +762,7 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    #[cfg(feature = "devtools")]
     #[test]
     fn sim_flags_reach_the_simulator_config() {
         let cli = Cli::try_parse_from([
@@ -767,6 +794,7 @@ mod tests {
         assert_eq!(config.ca_out, Some(PathBuf::from("ca.pem")));
     }
 
+    #[cfg(feature = "devtools")]
     #[test]
     fn sim_without_flags_keeps_the_simulator_defaults() {
         let cli = Cli::try_parse_from(["pointgate", "sim"]).expect("valid flags");
