@@ -1496,7 +1496,15 @@ impl<B: PointBackend> Engine<B> {
         if em.state.is_final() {
             req.final_ms = Some(now);
         }
-        tracing::info!(station = %req.station, request_id = %req.request_id, state = em.state.as_str(), seq = req.seq, "event");
+        tracing::info!(
+            station = %req.station,
+            request_id = %req.request_id,
+            terminal = ev.terminal.as_deref().unwrap_or(""),
+            intent_id = ev.intent_id.as_deref().unwrap_or(""),
+            state = em.state.as_str(),
+            seq = req.seq,
+            "event"
+        );
         let topic = topic_of(&self.s.topics, req);
         let correlation = req.reply.as_ref().and_then(|r| r.correlation.clone());
         self.dirty.insert(key.to_vec());

@@ -298,7 +298,7 @@ impl HttpClient {
             method = method_name,
             path = %path,
             status = status.as_u16(),
-            request_id = request_id.as_deref().unwrap_or(""),
+            api_request_id = request_id.as_deref().unwrap_or(""),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "api answered"
         );
