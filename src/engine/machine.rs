@@ -405,6 +405,7 @@ impl Charge {
     /// The outcome cannot be decided by the agent now: tell the station to call staff,
     /// and keep looking.
     fn need_attention(&mut self, intent_id: Option<String>, now: i64, fx: &mut Vec<Effect>) {
+        let held = self.holds_terminal();
         self.stage = Stage::NeedsAttention {
             intent_id,
             payment_id: None,
@@ -413,6 +414,11 @@ impl Charge {
         self.attempts = 0;
         self.next_at_ms = Some(now + Timing::MIN_POLL_GAP_MS);
         fx.push(Effect::Emit(Emit::state(State::NeedsAttention)));
+        if held && !self.holds_terminal() {
+            // Without a known intent it does not hold the terminal: the charges behind it
+            // go on (if our intent is there after all, their creates get 409 and wait).
+            fx.push(Effect::ReleaseTerminal);
+        }
         if std::mem::take(&mut self.cancel_pending) {
             fx.push(Effect::CancelAnswer(Err((
                 ErrorCode::NotCancelable,

@@ -616,15 +616,23 @@ impl<B: PointBackend> Engine<B> {
         }
         // Per terminal, in arrival order (the store's queue index).
         for (terminal, key) in order {
-            let holds = match self.active.get(&key).map(|r| &r.progress) {
-                Some(Progress::Charge(ch)) => ch.holds_terminal(),
-                Some(Progress::Refund(rf)) => rf.holds_terminal(),
+            // Holding the terminal, waiting for it, or neither (a charge in
+            // needs_attention without an intent: it must not block those behind it).
+            let (holds, waits) = match self.active.get(&key).map(|r| &r.progress) {
+                Some(Progress::Charge(ch)) => (
+                    ch.holds_terminal(),
+                    matches!(ch.stage, machine::Stage::Queued { .. }),
+                ),
+                Some(Progress::Refund(rf)) => (
+                    rf.holds_terminal(),
+                    matches!(rf.stage, refund::Stage::Queued),
+                ),
                 _ => continue,
             };
             let q = self.terminals.entry(terminal).or_default();
             if holds {
                 q.holder = Some(key);
-            } else {
+            } else if waits {
                 q.waiting.push_back(key);
             }
         }
@@ -1442,9 +1450,11 @@ impl<B: PointBackend> Engine<B> {
                         q.holder = None;
                     }
                     q.waiting.retain(|k| k != key);
-                    // A charge sent back to the queue after a failure keeps its place.
+                    // A charge sent back to the queue after a failure keeps its place; one
+                    // that left the queue for good (final, needs_attention) does not
+                    // block those behind it.
                     if let Some(Progress::Charge(ch)) = self.active.get(key).map(|r| &r.progress) {
-                        if !ch.is_final() {
+                        if matches!(ch.stage, machine::Stage::Queued { .. }) {
                             q.waiting.push_front(key.to_vec());
                         }
                     }
