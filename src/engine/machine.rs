@@ -313,6 +313,19 @@ impl Charge {
         matches!(self.stage, Stage::Done { .. })
     }
 
+    /// Bring the next timed action forward to `at_ms` if it was later (the driver's
+    /// "the API is back": a backoff must not outlive the outage). Returns whether it moved.
+    /// The stage's own rules still decide what happens then.
+    pub fn hurry(&mut self, at_ms: i64) -> bool {
+        match self.next_at_ms {
+            Some(n) if n > at_ms && !self.is_final() => {
+                self.next_at_ms = Some(at_ms);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// True while this charge holds its terminal (a send has begun and it has not ended).
     pub fn holds_terminal(&self) -> bool {
         matches!(
@@ -392,7 +405,12 @@ impl Charge {
         };
         self.next_at_ms = Some(next);
         fx.push(Effect::ReleaseTerminal);
-        fx.push(Effect::Emit(Emit::waiting(reason)));
+        // Told once per outage, not at every retry.
+        let outage = reason != WaitReason::TerminalBusy;
+        if !(outage && self.reported_unreachable) {
+            self.reported_unreachable = outage;
+            fx.push(Effect::Emit(Emit::waiting(reason)));
+        }
     }
 
     /// The create's outcome is unknown: find out before anything else is sent.
@@ -431,6 +449,8 @@ impl Charge {
     fn go_live(&mut self, intent_id: String, now: i64, fx: &mut Vec<Effect>) -> String {
         self.intent = Some(intent_id.clone());
         self.attempts = 0;
+        self.reported_unreachable = false;
+        self.unreachable_since_ms = None;
         self.stage = Stage::Live {
             intent_id: intent_id.clone(),
             remote: Remote::Open,

@@ -1291,7 +1291,9 @@ impl<B: PointBackend> Engine<B> {
         match err {
             None => {
                 self.health = ApiHealth::Ok;
-                self.failing_since_ms = None;
+                if self.failing_since_ms.take().is_some() {
+                    self.api_back(now);
+                }
             }
             Some(e) if e.is_unauthorized() || matches!(e, ApiError::Token(_)) => {
                 self.health = ApiHealth::Unauthorized
@@ -1303,6 +1305,26 @@ impl<B: PointBackend> Engine<B> {
                 }
             }
             Some(_) => {}
+        }
+    }
+
+    /// The API answered again after failing: what waits out a backoff (up to 30 s) goes
+    /// again within the next 2 s instead, spread at random; the request limit (and a
+    /// 429's pause) still paces them, so there is no storm, and a customer is not kept
+    /// waiting by a backoff that outlived the outage.
+    fn api_back(&mut self, now: i64) {
+        let keys: Vec<Vec<u8>> = self.active.keys().cloned().collect();
+        for k in keys {
+            let at = now + fastrand::i64(0..2_000);
+            let hurried = match self.active.get_mut(&k).map(|r| &mut r.progress) {
+                Some(Progress::Charge(ch)) => ch.hurry(at),
+                Some(Progress::Refund(rf)) => rf.hurry(at),
+                _ => false,
+            };
+            if hurried {
+                self.dirty.insert(k.clone());
+                self.set_wake(&k);
+            }
         }
     }
 

@@ -224,6 +224,19 @@ impl Refund {
         }
     }
 
+    /// Bring the next timed action forward to `at_ms` if it was later (the driver's
+    /// "the API is back": a backoff must not outlive the outage). Returns whether it moved.
+    /// The stage's own rules still decide what happens then.
+    pub fn hurry(&mut self, at_ms: i64) -> bool {
+        match self.next_at_ms {
+            Some(n) if n > at_ms && !self.is_final() => {
+                self.next_at_ms = Some(at_ms);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_final(&self) -> bool {
         matches!(self.stage, Stage::Done { .. })
     }

@@ -550,3 +550,39 @@ fn an_api_refusal_fails_the_charge_with_api_refused() {
         })
     )));
 }
+
+#[test]
+fn an_outage_is_reported_once_and_a_backoff_is_brought_forward_when_the_api_is_back() {
+    let unreachable = || {
+        Input::CreateDone(Err(Failure::Unreachable {
+            retry_after_ms: None,
+            rate_limited: false,
+        }))
+    };
+    let mut c = Charge::new(Cents(1500), 120_000);
+    c.step(Input::MayStart, &ctx(1_000));
+    assert_eq!(
+        emitted(&c.step(unreachable(), &ctx(1_100))),
+        vec![State::Waiting]
+    );
+    // Retries while the API stays down say nothing new.
+    for _ in 0..4 {
+        let at = c.next_at_ms.unwrap();
+        assert_eq!(c.step(Input::MayStart, &ctx(at)), vec![Effect::Create]);
+        assert!(emitted(&c.step(unreachable(), &ctx(at + 10))).is_empty());
+    }
+    // The backoff has grown; the API is back: it goes at the hurried time.
+    let later = c.next_at_ms.unwrap();
+    let now = later - 3_000;
+    assert!(c.hurry(now + 500));
+    assert!(!c.hurry(now + 600), "only ever brought forward");
+    assert_eq!(
+        c.step(Input::MayStart, &ctx(now + 500)),
+        vec![Effect::Create]
+    );
+    let fx = c.step(
+        Input::CreateDone(Ok(remote(Phase::Open, None))),
+        &ctx(now + 600),
+    );
+    assert_eq!(emitted(&fx), vec![State::Sent]);
+}
