@@ -203,6 +203,8 @@ enum Op {
     Search(String),
     List {
         from_ms: i64,
+        /// The engine's clock when the listing was asked for: the last day to list.
+        until_ms: i64,
         reference: String,
         terminal: String,
     },
@@ -279,12 +281,13 @@ fn failure(e: &ApiError, creating: bool) -> Failure {
 }
 
 /// Reconcile's listing (reliability guide, steps 1–2): the intents of every UTC day from
-/// the send's day to today, and a `GET` of each created at or after the send began (less
+/// the send's day to `until_ms`'s (the engine's clock), and a `GET` of each created at or after the send began (less
 /// the clock skew allowance), paced by `pace`; returns those carrying `reference`.
 /// `Ok(None)` when the API does not serve the list.
 async fn reconcile_list<B: PointBackend>(
     backend: &B,
     from_ms: i64,
+    until_ms: i64,
     reference: &str,
     terminal: &str,
     pace: Duration,
@@ -295,8 +298,7 @@ async fn reconcile_list<B: PointBackend>(
             .map(|t| t.date())
             .unwrap_or(time::Date::MIN)
     };
-    let now_ms = SystemClock.now_ms();
-    let (mut date, last) = (day(from_ms), day(now_ms.max(from_ms)));
+    let (mut date, last) = (day(from_ms), day(until_ms.max(from_ms)));
     let mut listed = Vec::new();
     loop {
         match backend.list_charges_on(date).await? {
@@ -520,6 +522,8 @@ pub struct Engine<B: PointBackend> {
     writes: Writes,
     dirty: BTreeSet<Vec<u8>>,
     replies: Vec<oneshot::Sender<()>>,
+    /// Requests admitted in this batch.
+    created: Vec<Vec<u8>>,
     publishes: Vec<LinkPublish>,
     resync: bool,
 }
@@ -565,6 +569,7 @@ impl<B: PointBackend> Engine<B> {
             writes: Writes::default(),
             dirty: BTreeSet::new(),
             replies: Vec::new(),
+            created: Vec::new(),
             publishes: Vec::new(),
             resync: false,
         }
@@ -1009,6 +1014,40 @@ impl<B: PointBackend> Engine<B> {
         }
     }
 
+    /// Take a command in as a stored request: it becomes active, is told `accepted`, and
+    /// counts as new in this batch (refused `storage_unavailable` if the batch cannot be
+    /// made durable). Returns its key.
+    fn admit(
+        &mut self,
+        station: &str,
+        cmd: &ValidCommand,
+        props: &CommandProps,
+        external_reference: Option<String>,
+        progress: Progress,
+        now: i64,
+    ) -> Vec<u8> {
+        let req = Request {
+            station: station.to_string(),
+            request_id: cmd.request_id.clone(),
+            body: cmd.body.clone(),
+            received_ms: now,
+            reply: self.reply_topic(station, props).map(|topic| ReplyTo {
+                topic,
+                correlation: props.correlation.clone(),
+            }),
+            external_reference,
+            progress,
+            seq: 0,
+            last_event: Vec::new(),
+            final_ms: None,
+        };
+        let key = req.key();
+        self.active.insert(key.clone(), req);
+        self.created.push(key.clone());
+        self.emit(&key, Emit::state(State::Accepted), now);
+        key
+    }
+
     /// A request of this station, open or stored.
     fn lookup(&self, station: &str, request_id: &str) -> Option<Request> {
         let key = store::key(station, request_id);
@@ -1095,25 +1134,16 @@ impl<B: PointBackend> Engine<B> {
         }
         let terminal = c.terminal.clone();
         let charge = Charge::new(c.amount, deadline);
-        let req = Request {
-            station: station.to_string(),
-            request_id: cmd.request_id.clone(),
-            body: cmd.body.clone(),
-            received_ms: now,
-            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
-                topic,
-                correlation: props.correlation.clone(),
-            }),
-            external_reference: Some(ext_ref.clone()),
-            progress: Progress::Charge(charge),
-            seq: 0,
-            last_event: Vec::new(),
-            final_ms: None,
-        };
         tracing::info!(station, request_id = %cmd.request_id, terminal = %terminal, amount = %c.amount.to_decimal(), "charge accepted");
-        self.writes.refs.push((ext_ref, key.clone()));
-        self.active.insert(key.clone(), req);
-        self.emit(&key, Emit::state(State::Accepted), now);
+        self.writes.refs.push((ext_ref.clone(), key.clone()));
+        self.admit(
+            station,
+            cmd,
+            &props,
+            Some(ext_ref),
+            Progress::Charge(charge),
+            now,
+        );
         self.terminals
             .entry(terminal)
             .or_default()
@@ -1177,26 +1207,11 @@ impl<B: PointBackend> Engine<B> {
             return self.refuse(station, &props, r, None, now);
         }
         let key = store::key(station, &cmd.request_id);
-        let req = Request {
-            station: station.to_string(),
-            request_id: cmd.request_id.clone(),
-            body: cmd.body.clone(),
-            received_ms: now,
-            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
-                topic,
-                correlation: props.correlation.clone(),
-            }),
-            external_reference: None,
-            progress: Progress::Cancel {
-                target: target.to_string(),
-                done: false,
-            },
-            seq: 0,
-            last_event: Vec::new(),
-            final_ms: None,
+        let progress = Progress::Cancel {
+            target: target.to_string(),
+            done: false,
         };
-        self.active.insert(key.clone(), req);
-        self.emit(&key, Emit::state(State::Accepted), now);
+        self.admit(station, cmd, &props, None, progress, now);
         self.cancels.insert(tkey.clone(), key);
         self.apply(&tkey, Input::CancelRequested, now);
     }
@@ -1454,6 +1469,7 @@ impl<B: PointBackend> Engine<B> {
                     key: key.to_vec(),
                     op: Op::List {
                         from_ms,
+                        until_ms: now,
                         reference,
                         terminal,
                     },
@@ -1590,11 +1606,7 @@ impl<B: PointBackend> Engine<B> {
         }
         if !writes.is_empty() {
             // Requests this batch creates (accepted just now): refused if it fails.
-            let new: Vec<Vec<u8>> = dirty
-                .iter()
-                .filter(|k| !self.store.contains(k).unwrap_or(true))
-                .cloned()
-                .collect();
+            let new = std::mem::take(&mut self.created);
             let res = self.store.write(&writes).and_then(|_| self.store.sync());
             if let Err(e) = res {
                 tracing::error!(error = %e, "store write failed; the batch's new commands are refused storage_unavailable");
@@ -1755,10 +1767,12 @@ impl<B: PointBackend> Engine<B> {
                     Op::Search(r) => ApiAnswer::Search(backend.search_payments(&r).await),
                     Op::List {
                         from_ms,
+                        until_ms,
                         reference,
                         terminal,
                     } => ApiAnswer::List(
-                        reconcile_list(&*backend, from_ms, &reference, &terminal, pace).await,
+                        reconcile_list(&*backend, from_ms, until_ms, &reference, &terminal, pace)
+                            .await,
                     ),
                     Op::Cancel {
                         terminal,

@@ -21,7 +21,7 @@ use crate::money::Cents;
 use crate::point::{ApiError, Payment, PointBackend, Refund as ApiRefund, RemoteCharge};
 use crate::station::validate::{CommandBody, RefundCmd, Refusal, Via};
 use crate::station::wire::{CommandType, ErrorCode, State};
-use crate::store::{self, Progress, ReplyTo, Request};
+use crate::store::{self, Progress, Request};
 
 /// A refund's API call.
 #[derive(Debug)]
@@ -360,7 +360,6 @@ impl<B: PointBackend> Engine<B> {
             deadline = deadline.min(now + i64::from(x) * 1000);
         }
         let terminal = (r.via == Via::Terminal).then(|| c.terminal.clone());
-        let key = store::key(station, &cmd.request_id);
         let rf = Refund::new(
             r.via,
             amount,
@@ -370,24 +369,8 @@ impl<B: PointBackend> Engine<B> {
             deadline,
             now,
         );
-        let req = Request {
-            station: station.to_string(),
-            request_id: cmd.request_id.clone(),
-            body: cmd.body.clone(),
-            received_ms: now,
-            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
-                topic,
-                correlation: props.correlation.clone(),
-            }),
-            external_reference: None,
-            progress: Progress::Refund(rf),
-            seq: 0,
-            last_event: Vec::new(),
-            final_ms: None,
-        };
         tracing::info!(station, request_id = %cmd.request_id, target, via = ?r.via, amount = %amount, "refund accepted");
-        self.active.insert(key.clone(), req);
-        self.emit(&key, machine::Emit::state(State::Accepted), now);
+        let key = self.admit(station, cmd, &props, None, Progress::Refund(rf), now);
         if let Some(t) = terminal {
             self.terminals
                 .entry(t)
@@ -425,28 +408,12 @@ impl<B: PointBackend> Engine<B> {
             };
             return self.refuse(station, &props, r, None, now);
         }
-        let key = store::key(station, &cmd.request_id);
-        let req = Request {
-            station: station.to_string(),
-            request_id: cmd.request_id.clone(),
-            body: cmd.body.clone(),
-            received_ms: now,
-            reply: self.reply_topic(station, &props).map(|topic| ReplyTo {
-                topic,
-                correlation: props.correlation.clone(),
-            }),
-            external_reference: None,
-            progress: Progress::Cancel {
-                target: target.request_id.clone(),
-                done: false,
-            },
-            seq: 0,
-            last_event: Vec::new(),
-            final_ms: None,
-        };
         tracing::info!(station, request_id = %cmd.request_id, target = %target.request_id, "cancel of a refund accepted");
-        self.active.insert(key.clone(), req);
-        self.emit(&key, machine::Emit::state(State::Accepted), now);
+        let progress = Progress::Cancel {
+            target: target.request_id.clone(),
+            done: false,
+        };
+        let key = self.admit(station, cmd, &props, None, progress, now);
         self.cancels.insert(tkey.clone(), key);
         self.apply_refund(&tkey, RefundInput::CancelRequested, now);
     }

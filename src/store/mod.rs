@@ -462,11 +462,6 @@ impl Store {
         Ok(n)
     }
 
-    /// True if a request with this key is stored.
-    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self.requests.contains_key(key)?)
-    }
-
     /// Remove a request that was never durably accepted, with its index entries and
     /// reference (after a failed write).
     pub fn forget(&self, r: &Request) -> Result<(), StoreError> {
