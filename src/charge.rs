@@ -129,6 +129,8 @@ fn options(args: &ChargeArgs) -> Result<MqttOptions, ChargeError> {
         .as_secs()
         .min(u32::MAX as u64) as u32;
     o.set_session_expiry_interval(Some(expiry));
+    // One command in flight; rumqttc's default would allocate slots for 65,535 (14 MiB).
+    o.set_outgoing_inflight_upper_limit(8);
     if let Some(u) = &args.username {
         o.set_credentials(u.clone(), args.password.clone().unwrap_or_default());
     }

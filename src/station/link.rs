@@ -106,6 +106,10 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
     net.set_tcp_nodelay(true);
     o.set_network_options(net);
     o.set_max_packet_size(Some(256 * 1024));
+    // rumqttc keeps one slot per possible packet id up to this limit (u16::MAX by
+    // default: 14 MiB at start). The broker's Receive Maximum lowers it further
+    // (Mosquitto's default is 20); queued events wait in the outbox meanwhile.
+    o.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     o.set_last_will(LastWill::new(
         cfg.topics.status(),
         offline_status(),
@@ -123,6 +127,9 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
     }
     Ok(o)
 }
+
+/// At most this many QoS 1 publishes wait for their PUBACK at once.
+const OUTGOING_INFLIGHT: u16 = 256;
 
 fn read_pem_certs(
     path: &PathBuf,
