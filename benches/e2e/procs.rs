@@ -248,6 +248,8 @@ impl Agent {
             .arg("--config")
             .arg(config)
             .env("NOTIFY_SOCKET", &sock_path)
+            // As the shipped unit runs it (systemd/pointgate.service).
+            .env("MALLOC_ARENA_MAX", "2")
             .env_remove("RUST_LOG")
             .env_remove("POINTGATE_CONFIG")
             .stdin(Stdio::null())
