@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use tokio::sync::oneshot;
 
 use super::machine::Input;
-use super::{rfc3339, ApiHealth, Engine};
+use super::{rfc3339, Engine};
 use crate::config::StationSection;
 use crate::control::{
     ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,
@@ -24,7 +24,6 @@ use crate::control::{
 };
 use crate::point::PointBackend;
 use crate::station::validate::CommandBody;
-use crate::station::wire::AgentStatus;
 use crate::store::{self, Progress, Request};
 
 /// How far back `queue list` shows requests that ended.
@@ -81,22 +80,7 @@ impl<B: PointBackend> Engine<B> {
             oldest = Some(oldest.map_or(r.received_ms, |o| o.min(r.received_ms)));
         }
         pending.oldest_pending_s = oldest.map_or(0, |t| secs_since(t, now));
-        let (state, api) = match self.health {
-            ApiHealth::Ok => ("online", "ok"),
-            ApiHealth::Unreachable => ("degraded", "unreachable"),
-            ApiHealth::Unauthorized => ("degraded", "unauthorized"),
-        };
-        let agent = AgentStatus {
-            v: 1,
-            state: state.into(),
-            version: Some(env!("CARGO_PKG_VERSION").into()),
-            store: Some(self.s.store_id.clone()),
-            backend: Some(self.s.backend.into()),
-            api: Some(api.into()),
-            pending: Some(charges),
-            oldest_pending_s: Some(pending.oldest_pending_s),
-            since: Some(self.since.clone()),
-        };
+        let agent = self.agent_status(charges, pending.oldest_pending_s);
         let mut names: std::collections::BTreeSet<String> =
             self.terminals.keys().cloned().collect();
         for s in self.s.stations.values() {

@@ -457,8 +457,14 @@ pub fn rfc3339(ms: i64) -> String {
 /// store, station and request id, stable across restarts and repeats, and within the
 /// contract's own charset (`A-Za-z0-9_-`, at most 64).
 pub fn derived_reference(store: &str, station: &str, request_id: &str) -> String {
+    hashed_id("pg-", &[store, station, request_id])
+}
+
+/// `prefix` + the first 16 bytes, in hex, of SHA-256 over `parts`, each followed by a
+/// NUL (so `("ab", "c")` and `("a", "bc")` differ). The agent's derived identifiers.
+pub(crate) fn hashed_id(prefix: &str, parts: &[&str]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [store, station, request_id] {
+    for part in parts {
         ctx.update(part.as_bytes());
         ctx.update(&[0]);
     }
@@ -467,7 +473,7 @@ pub fn derived_reference(store: &str, station: &str, request_id: &str) -> String
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    format!("pg-{hex}")
+    format!("{prefix}{hex}")
 }
 
 /// MLA's ticket number when the station gave none: from the request id, in the allowed
@@ -1847,25 +1853,15 @@ impl<B: PointBackend> Engine<B> {
         }
     }
 
-    fn publish_status(&mut self, force: bool) {
-        let now = self.clock.now_ms();
-        let pending = self
-            .active
-            .values()
-            .filter(|r| matches!(r.progress, Progress::Charge(_) | Progress::Refund(_)))
-            .count() as u64;
-        let oldest = self
-            .active
-            .values()
-            .map(|r| r.received_ms)
-            .min()
-            .map(|t| ((now - t).max(0) / 1000) as u64);
+    /// The agent's status document (`agent/status`, and the `agent` part of `pointgate
+    /// status`): health from the last API answers, with the caller's pending figures.
+    fn agent_status(&self, pending: u64, oldest_pending_s: u64) -> AgentStatus {
         let (state, api) = match self.health {
             ApiHealth::Ok => ("online", "ok"),
             ApiHealth::Unreachable => ("degraded", "unreachable"),
             ApiHealth::Unauthorized => ("degraded", "unauthorized"),
         };
-        let status = AgentStatus {
+        AgentStatus {
             v: 1,
             state: state.into(),
             version: Some(env!("CARGO_PKG_VERSION").into()),
@@ -1873,9 +1869,23 @@ impl<B: PointBackend> Engine<B> {
             backend: Some(self.s.backend.into()),
             api: Some(api.into()),
             pending: Some(pending),
-            oldest_pending_s: Some(oldest.unwrap_or(0)),
+            oldest_pending_s: Some(oldest_pending_s),
             since: Some(self.since.clone()),
-        };
+        }
+    }
+
+    fn publish_status(&mut self, force: bool) {
+        let now = self.clock.now_ms();
+        let mut pending = 0u64;
+        let mut oldest: Option<i64> = None;
+        for r in self.active.values() {
+            if matches!(r.progress, Progress::Charge(_) | Progress::Refund(_)) {
+                pending += 1;
+            }
+            oldest = Some(oldest.map_or(r.received_ms, |o| o.min(r.received_ms)));
+        }
+        let oldest = oldest.map(|t| ((now - t).max(0) / 1000) as u64);
+        let status = self.agent_status(pending, oldest.unwrap_or(0));
         let changed = match &self.published_status {
             None => true,
             Some(p) => {

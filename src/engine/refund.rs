@@ -176,17 +176,7 @@ fn not_cancelable(message: &str) -> Effect {
 /// The `X-Idempotency-Key` of an api refund: SHA-256 over store, station and request id
 /// (and a `refund` tag, so it never equals a charge's reference), `pg-rf-<32 hex>`.
 pub fn idempotency_key(store: &str, station: &str, request_id: &str) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in ["refund", store, station, request_id] {
-        ctx.update(part.as_bytes());
-        ctx.update(&[0]);
-    }
-    let d = ctx.finish();
-    let hex: String = d.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("pg-rf-{hex}")
+    super::hashed_id("pg-rf-", &["refund", store, station, request_id])
 }
 
 impl Refund {

@@ -255,32 +255,47 @@ impl<B: PointBackend> Engine<B> {
         props: CommandProps,
         now: i64,
     ) {
+        let rf = match self.refund_terms(station, cmd, &r, &props, now) {
+            Ok(rf) => rf,
+            Err(refusal) => return self.refuse(station, &props, refusal, None, now),
+        };
+        tracing::info!(station, request_id = %cmd.request_id, target = %r.target, via = ?r.via, amount = %rf.amount, "refund accepted");
+        let terminal = rf.terminal.clone();
+        let key = self.admit(station, cmd, &props, None, Progress::Refund(rf), now);
+        if let Some(t) = terminal {
+            self.terminals
+                .entry(t)
+                .or_default()
+                .waiting
+                .push_back(key.clone());
+        }
+        self.set_wake(&key);
+    }
+
+    /// The refund a station's command asks for, or why it cannot be accepted.
+    fn refund_terms(
+        &self,
+        station: &str,
+        cmd: &ValidCommand,
+        r: &RefundCmd,
+        props: &CommandProps,
+        now: i64,
+    ) -> Result<Refund, Refusal> {
         let refusal = |code: ErrorCode, message: String| Refusal {
             request_id: Some(cmd.request_id.clone()),
             kind: Some(CommandType::Refund),
             code,
             message,
         };
+        let not_refundable = |m: String| refusal(ErrorCode::NotRefundable, m);
         let target = r.target.as_str();
         let Some(t) = self.lookup(station, target) else {
             let m = format!("no request `{target}` of this station");
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::UnknownTarget, m),
-                None,
-                now,
-            );
+            return Err(refusal(ErrorCode::UnknownTarget, m));
         };
         let (Progress::Charge(ch), CommandBody::Charge(c)) = (&t.progress, &t.body) else {
             let m = format!("request `{target}` is not a charge");
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::UnknownTarget, m),
-                None,
-                now,
-            );
+            return Err(refusal(ErrorCode::UnknownTarget, m));
         };
         let state = match &ch.stage {
             machine::Stage::Done { state } => state.as_str(),
@@ -288,64 +303,33 @@ impl<B: PointBackend> Engine<B> {
             _ => "not final",
         };
         if state != State::Approved.as_str() {
-            let m =
-                format!("charge `{target}` is {state}: only an approved charge can be refunded");
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::NotRefundable, m),
-                None,
-                now,
-            );
+            return Err(not_refundable(format!(
+                "charge `{target}` is {state}: only an approved charge can be refunded"
+            )));
         }
         let Some(payment) = &ch.payment else {
-            let m = format!(
+            return Err(not_refundable(format!(
                 "the payment of charge `{target}` is not known, so it cannot be refunded here"
-            );
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::NotRefundable, m),
-                None,
-                now,
-            );
+            )));
         };
-        let taken = match self.refunds_against(station, target) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "store read failed while summing refunds");
-                let m = "the store cannot be read; nothing was accepted".to_string();
-                let r = refusal(ErrorCode::StorageUnavailable, m);
-                return self.refuse(station, &props, r, None, now);
-            }
-        };
+        let taken = self.refunds_against(station, target).map_err(|e| {
+            tracing::error!(error = %e, "store read failed while summing refunds");
+            let m = "the store cannot be read; nothing was accepted".to_string();
+            refusal(ErrorCode::StorageUnavailable, m)
+        })?;
         let left = Cents(ch.amount.0.saturating_sub(taken.0));
         let amount = r.amount.unwrap_or(left);
         if left.0 == 0 || amount > left {
-            let m = format!(
+            return Err(not_refundable(format!(
                 "a refund of {amount} exceeds what is left of charge `{target}`: {left} of {} (refunded or pending: {taken})",
                 ch.amount
-            );
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::NotRefundable, m),
-                None,
-                now,
-            );
+            )));
         }
         if r.via == Via::Terminal && amount != ch.amount {
-            let m = format!(
+            return Err(not_refundable(format!(
                 "a refund via terminal returns the whole charge ({}); {amount} asked, {left} left: refund via api for part",
                 ch.amount
-            );
-            return self.refuse(
-                station,
-                &props,
-                refusal(ErrorCode::NotRefundable, m),
-                None,
-                now,
-            );
+            )));
         }
         let ttl_ms = match (r.ttl_s, r.via) {
             (Some(s), _) => i64::from(s) * 1000,
@@ -359,26 +343,15 @@ impl<B: PointBackend> Engine<B> {
         if let Some(x) = props.message_expiry_s {
             deadline = deadline.min(now + i64::from(x) * 1000);
         }
-        let terminal = (r.via == Via::Terminal).then(|| c.terminal.clone());
-        let rf = Refund::new(
+        Ok(Refund::new(
             r.via,
             amount,
             payment.id.clone(),
-            terminal.clone(),
+            (r.via == Via::Terminal).then(|| c.terminal.clone()),
             refund::idempotency_key(&self.s.store_id, station, &cmd.request_id),
             deadline,
             now,
-        );
-        tracing::info!(station, request_id = %cmd.request_id, target, via = ?r.via, amount = %amount, "refund accepted");
-        let key = self.admit(station, cmd, &props, None, Progress::Refund(rf), now);
-        if let Some(t) = terminal {
-            self.terminals
-                .entry(t)
-                .or_default()
-                .waiting
-                .push_back(key.clone());
-        }
-        self.set_wake(&key);
+        ))
     }
 
     /// A station's cancel whose target is a refund.

@@ -545,49 +545,58 @@ fn ymd(date: Date) -> String {
     )
 }
 
+/// The normalized view of an intent (payment or refund: they share their states).
+/// `default_state` stands in for a missing `state` (a create answer has none: a
+/// just-created intent is `OPEN`). The fields only one kind carries are left empty.
+fn remote_view(
+    id: &str,
+    state: Option<&str>,
+    default_state: Option<&str>,
+    terminal: Option<&String>,
+) -> RemoteCharge {
+    let raw_state = state.or(default_state).unwrap_or_default().to_string();
+    RemoteCharge {
+        id: id.to_string(),
+        phase: phase_of(&raw_state),
+        raw_state,
+        terminal: terminal.cloned(),
+        amount: None,
+        external_reference: None,
+        payment_id: None,
+    }
+}
+
 impl PaymentIntent {
-    /// The normalized view. `default_state` stands in for a missing `state` (the create
-    /// answer has none: a just-created intent is `OPEN`).
+    /// The normalized view (see [`remote_view`]).
     pub fn to_remote(&self, default_state: Option<&str>) -> RemoteCharge {
-        let raw_state = self
-            .state
-            .as_deref()
-            .or(default_state)
-            .unwrap_or_default()
-            .to_string();
         RemoteCharge {
-            id: self.id.clone(),
-            phase: phase_of(&raw_state),
-            raw_state,
-            terminal: self.device_id.clone(),
             amount: self.amount.map(Cents),
             external_reference: self
                 .additional_info
                 .as_ref()
                 .and_then(|i| i.external_reference.clone()),
             payment_id: self.payment.as_ref().and_then(|p| p.id.clone()),
+            ..remote_view(
+                &self.id,
+                self.state.as_deref(),
+                default_state,
+                self.device_id.as_ref(),
+            )
         }
     }
 }
 
 impl RefundIntent {
-    /// The normalized view (a refund intent has a charge's states). `default_state`
-    /// stands in for a missing `state` (the create answer has none: it is `OPEN`).
+    /// The normalized view (see [`remote_view`]).
     pub fn to_remote(&self, default_state: Option<&str>) -> RemoteCharge {
-        let raw_state = self
-            .state
-            .as_deref()
-            .or(default_state)
-            .unwrap_or_default()
-            .to_string();
         RemoteCharge {
-            id: self.id.clone(),
-            phase: phase_of(&raw_state),
-            raw_state,
-            terminal: self.device_id.clone(),
-            amount: None,
-            external_reference: None,
             payment_id: self.payment_id.clone(),
+            ..remote_view(
+                &self.id,
+                self.state.as_deref(),
+                default_state,
+                self.device_id.as_ref(),
+            )
         }
     }
 }
