@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Table, Value};
 
+pub use crate::domain::command::StationSection;
 use crate::money::Site;
 
 /// The shipped default file, which is also the source of every default.
@@ -194,13 +195,6 @@ pub struct LogSection {
 #[serde(deny_unknown_fields)]
 pub struct ControlSection {
     pub socket: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct StationSection {
-    #[serde(default)]
-    pub terminals: Vec<String>,
 }
 
 impl Config {

@@ -27,8 +27,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::command::CommandType;
+use crate::domain::outcome::{AgentStatus, TerminalState};
 use crate::engine::{EngineHandle, ToEngine};
-use crate::station::wire::{AgentStatus, CommandType, TerminalState};
 
 /// The protocol version, `v` of every line.
 pub const VERSION: u8 = 1;

@@ -34,9 +34,11 @@ pub mod config;
 pub mod control;
 #[cfg(feature = "devtools")]
 pub mod demo;
+pub mod domain;
 pub mod engine;
 pub mod failpoint;
 pub mod logging;
+pub mod machine;
 pub mod money;
 pub mod point;
 pub mod service;
@@ -52,8 +54,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use config::{BackendKind, Config, ConfigError};
-use engine::machine::Timing;
 use engine::{Engine, Settings, SystemClock};
+use machine::charge::Timing;
 use station::link::LinkConfig;
 use station::topics::Topics;
 

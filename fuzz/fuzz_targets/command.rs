@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashSet};
 use libfuzzer_sys::fuzz_target;
 use pointgate::config::StationSection;
 use pointgate::money::Site;
-use pointgate::station::validate::{validate, Context, MAX_COMMAND_BYTES};
-use pointgate::station::wire::ErrorCode;
+use pointgate::domain::command::{validate, Context, MAX_COMMAND_BYTES};
+use pointgate::domain::outcome::ErrorCode;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, payload)) = data.split_first() else {
@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     match validate(payload, &ctx) {
         Ok(cmd) => {
             assert!(payload.len() <= MAX_COMMAND_BYTES);
-            assert!(pointgate::station::validate::is_request_id(&cmd.request_id));
+            assert!(pointgate::domain::command::is_request_id(&cmd.request_id));
         }
         Err(refusal) => {
             assert!(!refusal.message.is_empty());

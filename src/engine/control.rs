@@ -22,8 +22,8 @@ use crate::control::{
     ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,
     PendingSummary, RequestDetail, RequestRow, StatusView,
 };
+use crate::domain::command::CommandBody;
 use crate::point::PointBackend;
-use crate::station::validate::CommandBody;
 use crate::store::{self, Progress, Request};
 
 /// How far back `queue list` shows requests that ended.
@@ -359,7 +359,7 @@ fn stage_name(stage: &impl std::fmt::Debug) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::machine::Stage;
+    use crate::machine::charge::Stage;
 
     #[test]
     fn stage_names_are_snake_case_variant_names() {

@@ -13,8 +13,6 @@
 //! API calls go through one token bucket (`point.max_requests_per_second`).
 
 mod control;
-pub mod machine;
-pub mod refund;
 mod refunds;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -25,16 +23,22 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StationSection;
+use crate::domain::command::CommandType;
+use crate::domain::command::{
+    self as validate, ChargeCmd, CommandBody, Context, Refusal, ValidCommand,
+};
+use crate::domain::ids::{derived_reference, derived_ticket, rfc3339};
+use crate::domain::outcome::{
+    AgentStatus, ErrorCode, ErrorInfo, Event, PaymentInfo, State, TerminalState,
+};
+use crate::domain::remote::{Candidate, Failure};
 use crate::failpoint;
+use crate::machine::charge::{self as machine, Charge, Ctx, Effect, Emit, Input, Timing};
+use crate::machine::refund;
 use crate::money::Site;
 use crate::point::{ApiError, CreateCharge, Device, Payment, PointBackend, RemoteCharge};
 use crate::station::topics::Topics;
-use crate::station::validate::{self, ChargeCmd, CommandBody, Context, Refusal, ValidCommand};
-use crate::station::wire::{
-    AgentStatus, CommandType, ErrorCode, ErrorInfo, Event, PaymentInfo, State, TerminalState,
-};
 use crate::store::{self, Outgoing, Progress, ReplyTo, Request, Store, Writes};
-use machine::{Candidate, Charge, Ctx, Effect, Emit, Failure, Input, Timing};
 
 /// The wall clock, injected so tests can drive time.
 pub trait Clock: Send + Sync + 'static {
@@ -443,54 +447,6 @@ impl LinkPublish {
             retain: false,
         }
     }
-}
-
-/// Render Unix milliseconds as RFC 3339 (UTC).
-pub fn rfc3339(ms: i64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// The `external_reference` the agent sends when the station gave none: unique per
-/// store, station and request id, stable across restarts and repeats, and within the
-/// contract's own charset (`A-Za-z0-9_-`, at most 64).
-pub fn derived_reference(store: &str, station: &str, request_id: &str) -> String {
-    hashed_id("pg-", &[store, station, request_id])
-}
-
-/// `prefix` + the first 16 bytes, in hex, of SHA-256 over `parts`, each followed by a
-/// NUL (so `("ab", "c")` and `("a", "bc")` differ). The agent's derived identifiers.
-pub(crate) fn hashed_id(prefix: &str, parts: &[&str]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in parts {
-        ctx.update(part.as_bytes());
-        ctx.update(&[0]);
-    }
-    let d = ctx.finish();
-    let hex: String = d.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{prefix}{hex}")
-}
-
-/// MLA's ticket number when the station gave none: from the request id, in the allowed
-/// charset (`A-Za-z0-9-`, at most 20).
-pub fn derived_ticket(request_id: &str) -> String {
-    let t: String = request_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let tail = t.len().saturating_sub(20);
-    t[tail..].to_string()
 }
 
 pub struct Engine<B: PointBackend> {
@@ -1959,17 +1915,5 @@ mod tests {
     fn the_clock_is_in_doubt_when_it_reads_earlier_than_the_store() {
         assert!(clock_doubt(&facts("b1", true), Some("b1"), Some(5_000), 4_999).is_some());
         assert!(clock_doubt(&facts("b1", true), Some("b1"), Some(5_000), 5_000).is_none());
-    }
-
-    #[test]
-    fn derived_references_are_stable_distinct_and_in_the_contract_charset() {
-        let a = derived_reference("s", "k1", "r1");
-        assert_eq!(a, derived_reference("s", "k1", "r1"));
-        assert_ne!(a, derived_reference("s", "k1", "r2"));
-        assert_ne!(a, derived_reference("s", "k1r", "1"));
-        assert!(a.len() <= 64);
-        assert!(a
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
     }
 }

@@ -17,10 +17,11 @@ use std::collections::HashSet;
 
 use super::refund::{self, Effect as RefundEffect, Input as RefundInput, Refund};
 use super::{failure, machine, ApiCall, CommandProps, Engine, Op, ValidCommand};
+use crate::domain::command::CommandType;
+use crate::domain::command::{CommandBody, RefundCmd, Refusal, Via};
+use crate::domain::outcome::{ErrorCode, State};
 use crate::money::Cents;
 use crate::point::{ApiError, Payment, PointBackend, Refund as ApiRefund, RemoteCharge};
-use crate::station::validate::{CommandBody, RefundCmd, Refusal, Via};
-use crate::station::wire::{CommandType, ErrorCode, State};
 use crate::store::{self, Progress, Request};
 
 /// A refund's API call.

@@ -33,6 +33,7 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime};
 
+use crate::domain::command::MlbPayment;
 use crate::money::{Cents, Site};
 use crate::point::http::HttpClient;
 use crate::point::lenient::{
@@ -40,7 +41,7 @@ use crate::point::lenient::{
     string_or_number,
 };
 use crate::point::{
-    ApiError, CreateCharge, Device, ListedCharge, MlbPayment, Payment, Phase, PointBackend, Refund,
+    ApiError, CreateCharge, Device, ListedCharge, Payment, Phase, PointBackend, Refund,
     RemoteCharge,
 };
 

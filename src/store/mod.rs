@@ -52,9 +52,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::machine::Charge;
-use crate::engine::refund::Refund;
-use crate::station::validate::CommandBody;
+use crate::domain::command::CommandBody;
+use crate::machine::charge::Charge;
+use crate::machine::refund::Refund;
 
 /// The on-disk format version written in `meta`.
 pub const FORMAT_VERSION: u8 = 1;
@@ -657,9 +657,9 @@ fn u64_from_key(k: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::machine::Charge;
+    use crate::domain::command::{ChargeCmd, CommandBody};
+    use crate::machine::charge::Charge;
     use crate::money::Cents;
-    use crate::station::validate::{ChargeCmd, CommandBody};
 
     fn charge_request(id: &str) -> Request {
         Request {

@@ -24,9 +24,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::outcome::{ErrorCode, ResolvedBy, State, WaitReason};
+use crate::domain::remote::{Candidate, Failure, Payment, Phase, RemoteCharge};
 use crate::money::Cents;
-use crate::point::{Payment, Phase, RemoteCharge};
-use crate::station::wire::{ErrorCode, ResolvedBy, State, WaitReason};
 
 /// Timing rules, from config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,43 +154,11 @@ pub struct Charge {
     pub search_next: bool,
 }
 
-/// An intent found by reconcile whose `external_reference` is this charge's, with
-/// what the match still needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub remote: RemoteCharge,
-    /// When the API says it was created (Unix ms), if it said so readably.
-    pub created_ms: Option<i64>,
-    /// Its device is this charge's terminal.
-    pub device_matches: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentSeen {
     pub id: String,
     pub status: String,
     pub status_detail: Option<String>,
-}
-
-/// Why an API call failed, as far as the machine cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
-    /// Could not reach the API, 5xx on a read, or 429. Retry later.
-    Unreachable {
-        retry_after_ms: Option<i64>,
-        rate_limited: bool,
-    },
-    /// The request may have been committed (no answer, 5xx on a create).
-    Ambiguous,
-    /// 401/403.
-    Unauthorized,
-    /// 409: the terminal holds a queued intent (create), or the intent is on the
-    /// terminal (cancel).
-    Conflict,
-    /// 404.
-    NotFound,
-    /// Another 4xx: Mercado Pago refused the request. For a person.
-    Refused { message: String },
 }
 
 /// Something that happened to a charge.

@@ -16,7 +16,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::point::{Payment, Phase, RemoteCharge};
+use crate::domain::remote::{Payment, Phase, RemoteCharge};
 
 const AMOUNT: Cents = Cents(1500);
 const DEADLINE: i64 = 60_000;

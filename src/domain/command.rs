@@ -1,4 +1,5 @@
-//! Parsing and validating a station's command: bytes in, `ValidCommand` or `Refusal`
+//! What a station asks for (`CommandBody`: charge, cancel, refund, query, terminals),
+//! and parsing and validating a station's command into it: bytes in, `ValidCommand` or `Refusal`
 //! out. Pure: no IO, no clock (the caller passes what it needs). The checks that need
 //! the engine's state (`conflict`, `duplicate_reference`, `unknown_target`,
 //! `not_cancelable`, `not_refundable`, `queue_full`, `terminal_unavailable`) live in the
@@ -44,10 +45,43 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::config::StationSection;
+use crate::domain::outcome::ErrorCode;
 use crate::money::{quote, Cents, Site};
-use crate::point::MlbPayment;
-use crate::station::wire::{CommandType, ErrorCode};
+
+/// The command types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandType {
+    Charge,
+    Cancel,
+    Refund,
+    Query,
+    Terminals,
+}
+
+/// MLB's `payment` object of a payment intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MlbPayment {
+    /// `credit_card`, `debit_card` or `voucher_card`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installments: Option<u8>,
+    /// `seller` or `buyer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installments_cost: Option<String>,
+    /// `sodexo` or `alelo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub voucher_type: Option<String>,
+}
+
+/// A `[stations.<id>]` table of the config: the terminals bound to that station.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StationSection {
+    #[serde(default)]
+    pub terminals: Vec<String>,
+}
 
 /// The contract's size limit for a command payload.
 pub const MAX_COMMAND_BYTES: usize = 8 * 1024;

@@ -1,10 +1,13 @@
-//! The contract's MQTT payloads: `Event` (agent → station), `AgentStatus`,
-//! `TerminalState`, and the refusal codes. Pure data; serialization only.
+//! What the agent tells stations: the contract's event states (`State`), wait reasons,
+//! refusal and error codes, how an outcome was resolved, and the payloads that carry
+//! them (`Event`, `AgentStatus`, `TerminalState`). Pure data; serialization only.
 //!
 //! Events are rendered once, when the state change that causes them is stored, and kept
 //! as bytes in the outbox; what a station receives is exactly what was stored.
 
 use serde::{Deserialize, Serialize};
+
+use crate::domain::command::CommandType;
 
 /// The contract's event states, for every request type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -59,17 +62,6 @@ impl State {
             State::Answered => "answered",
         }
     }
-}
-
-/// The command types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommandType {
-    Charge,
-    Cancel,
-    Refund,
-    Query,
-    Terminals,
 }
 
 /// Why a request waits (`reason` on `waiting`).

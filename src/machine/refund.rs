@@ -29,11 +29,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::machine::{CancelMark, Ctx, Emit, Failure, PaymentSeen, Remote, Timing};
+use super::charge::{CancelMark, Ctx, Emit, PaymentSeen, Remote, Timing};
+use crate::domain::command::Via;
+use crate::domain::outcome::{ErrorCode, Event, PaymentInfo, ResolvedBy, State, WaitReason};
+use crate::domain::remote::{Failure, Payment, Phase, Refund as ApiRefund, RemoteCharge};
 use crate::money::Cents;
-use crate::point::{Payment, Phase, Refund as ApiRefund, RemoteCharge};
-use crate::station::validate::Via;
-use crate::station::wire::{ErrorCode, Event, PaymentInfo, ResolvedBy, State, WaitReason};
 
 /// How long the API may fail before a refund reports `waiting`.
 const REPORT_AFTER_MS: i64 = Timing::UNREACHABLE_REPORT_MS;
@@ -176,7 +176,7 @@ fn not_cancelable(message: &str) -> Effect {
 /// The `X-Idempotency-Key` of an api refund: SHA-256 over store, station and request id
 /// (and a `refund` tag, so it never equals a charge's reference), `pg-rf-<32 hex>`.
 pub fn idempotency_key(store: &str, station: &str, request_id: &str) -> String {
-    super::hashed_id("pg-rf-", &["refund", store, station, request_id])
+    crate::domain::ids::hashed_id("pg-rf-", &["refund", store, station, request_id])
 }
 
 impl Refund {

@@ -1,7 +1,7 @@
 //! Transition tests of the charge state machine, one behaviour per test.
 
 use super::*;
-use crate::point::{Payment, Phase, RemoteCharge};
+use crate::domain::remote::{Payment, Phase, RemoteCharge};
 
 const TIMING: Timing = Timing {
     poll_interval_ms: 2_000,
