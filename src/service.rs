@@ -16,7 +16,7 @@ use sd_notify::NotifyState;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{EngineHandle, ToEngine};
+use crate::engine::port::{EngineHandle, ToEngine};
 
 /// Tells systemd the agent is ready, with a human status line (`systemctl status`).
 pub fn notify_ready(resumed: usize) {

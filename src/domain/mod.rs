@@ -12,5 +12,6 @@
 
 pub mod command;
 pub mod ids;
+pub mod operator;
 pub mod outcome;
 pub mod remote;

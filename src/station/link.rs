@@ -34,7 +34,7 @@ use rumqttc::Outgoing;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{CommandProps, EngineHandle, LinkPublish, ToEngine, ToLink};
+use crate::engine::port::{CommandProps, EngineHandle, LinkPublish, ToEngine, ToLink};
 use crate::station::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]

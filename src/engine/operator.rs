@@ -1,4 +1,4 @@
-//! The engine's side of the control socket (`crate::control`) and of SIGHUP: it answers
+//! The engine's side of the control socket (`crate::control`, through `port`) and of SIGHUP: it answers
 //! operators from the engine's own state (open requests, the store, terminal queues) and
 //! applies their cancels and resolutions through the state machine, like any other input.
 //!
@@ -18,11 +18,11 @@ use tokio::sync::oneshot;
 use super::machine::Input;
 use super::{rfc3339, Engine};
 use crate::config::StationSection;
-use crate::control::{
+use crate::domain::command::CommandBody;
+use crate::domain::operator::{
     ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,
     PendingSummary, RequestDetail, RequestRow, StatusView,
 };
-use crate::domain::command::CommandBody;
 use crate::point::PointBackend;
 use crate::store::{self, Progress, Request};
 
