@@ -85,7 +85,6 @@ pub fn engine_settings(config: &Config) -> Settings {
     Settings {
         site: config.store.site,
         store_id: config.store.id.clone(),
-        topics: Topics::new(config.topic_prefix()),
         stations: config.stations.clone(),
         charge_ttl_ms: ms(config.queue.charge_ttl),
         refund_ttl_ms: ms(config.queue.refund_ttl),

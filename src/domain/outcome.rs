@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::command::CommandType;
 
+/// Where a request's events go. The station link renders it as a topic; the engine and
+/// the store never see topic names. Stored in the outbox (`store::record`): variants are
+/// append-only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Address {
+    /// The station's own event topic (`P/station/<id>/evt`).
+    Station(String),
+    /// The MQTT 5 Response Topic its command named, once the link allowed it.
+    Reply(String),
+    /// A topic rendered before the outbox format 2 (entries written by 0.1 agents).
+    Topic(String),
+}
+
 /// The contract's event states, for every request type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

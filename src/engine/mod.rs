@@ -38,7 +38,6 @@ use crate::machine::charge::{self as machine, Charge, Ctx, Effect, Emit, Input, 
 use crate::machine::refund;
 use crate::money::Site;
 use crate::point::{ApiError, CreateCharge, Device, Payment, PointBackend, RemoteCharge};
-use crate::station::topics::Topics;
 use crate::store::{self, Outgoing, Progress, ReplyTo, Request, Store, Writes};
 
 /// The wall clock, injected so tests can drive time.
@@ -115,7 +114,6 @@ pub fn clock_doubt(
 pub struct Settings {
     pub site: Site,
     pub store_id: String,
-    pub topics: Topics,
     pub stations: BTreeMap<String, StationSection>,
     pub charge_ttl_ms: i64,
     pub refund_ttl_ms: i64,
@@ -128,7 +126,8 @@ pub struct Settings {
     pub backend: &'static str,
 }
 
-pub use port::{channel, CommandProps, EngineHandle, LinkPublish, ToEngine, ToLink};
+use crate::domain::outcome::Address;
+pub use port::{channel, CommandProps, Dest, EngineHandle, LinkPublish, ToEngine, ToLink};
 
 #[derive(Debug)]
 enum Op {
@@ -360,10 +359,10 @@ impl TokenBucket {
 }
 
 /// Where a request's events go: its MQTT 5 Response Topic, else the station's `evt`.
-fn topic_of(topics: &Topics, r: &Request) -> String {
+fn address_of(r: &Request) -> Address {
     match &r.reply {
-        Some(reply) => reply.topic.clone(),
-        None => topics.events(&r.station),
+        Some(reply) => Address::Reply(reply.topic.clone()),
+        None => Address::Station(r.station.clone()),
     }
 }
 
@@ -372,7 +371,7 @@ impl LinkPublish {
     fn event(id: u64, o: Outgoing) -> LinkPublish {
         LinkPublish {
             outbox_id: Some(id),
-            topic: o.topic,
+            dest: Dest::Event(o.address),
             payload: o.payload,
             correlation: o.correlation,
             retain: false,
@@ -704,7 +703,7 @@ impl<B: PointBackend> Engine<B> {
         for r in reqs {
             if !r.last_event.is_empty() {
                 let out = Outgoing {
-                    topic: self.topic_for(&r),
+                    address: address_of(&r),
                     payload: r.last_event.clone(),
                     correlation: r.reply.as_ref().and_then(|x| x.correlation.clone()),
                 };
@@ -712,10 +711,6 @@ impl<B: PointBackend> Engine<B> {
                 self.writes.outbox.push((id, out));
             }
         }
-    }
-
-    fn topic_for(&self, r: &Request) -> String {
-        topic_of(&self.s.topics, r)
     }
 
     fn refuse(
@@ -739,34 +734,39 @@ impl<B: PointBackend> Engine<B> {
             message: refusal.message,
         });
         ev.current = current.map(Box::new);
-        let topic = self
-            .reply_topic(station, props)
-            .unwrap_or_else(|| self.s.topics.events(station));
-        self.push_outbox(topic, ev.to_json(), props.correlation.clone());
+        let address = Self::reply_address(station, props);
+        self.push_outbox(address, ev.to_json(), props.correlation.clone());
     }
 
     fn answer(&mut self, station: &str, props: &CommandProps, ev: Event) {
-        let topic = self
-            .reply_topic(station, props)
-            .unwrap_or_else(|| self.s.topics.events(station));
-        self.push_outbox(topic, ev.to_json(), props.correlation.clone());
+        let address = Self::reply_address(station, props);
+        self.push_outbox(address, ev.to_json(), props.correlation.clone());
+    }
+
+    /// Where the answer to a command goes: its Response Topic if the link allowed it,
+    /// else the station's event topic.
+    fn reply_address(station: &str, props: &CommandProps) -> Address {
+        match Self::reply_topic(props) {
+            Some(t) => Address::Reply(t),
+            None => Address::Station(station.to_string()),
+        }
     }
 
     /// The Response Topic of an MQTT 5 command, if it is an allowed one.
-    fn reply_topic(&self, station: &str, props: &CommandProps) -> Option<String> {
+    fn reply_topic(props: &CommandProps) -> Option<String> {
         props
             .response_topic
             .as_ref()
-            .filter(|t| self.s.topics.is_station_topic(station, t))
+            .filter(|_| props.response_topic_allowed)
             .cloned()
     }
 
-    fn push_outbox(&mut self, topic: String, payload: Vec<u8>, correlation: Option<Vec<u8>>) {
+    fn push_outbox(&mut self, address: Address, payload: Vec<u8>, correlation: Option<Vec<u8>>) {
         let id = self.store.next_outbox_id();
         self.writes.outbox.push((
             id,
             Outgoing {
-                topic,
+                address,
                 payload,
                 correlation,
             },
@@ -795,7 +795,7 @@ impl<B: PointBackend> Engine<B> {
             message,
         };
         if let Some(rt) = &props.response_topic {
-            if !self.s.topics.is_station_topic(station, rt) {
+            if !props.response_topic_allowed {
                 let r = refusal(
                     ErrorCode::BadField,
                     format!("response topic `{rt}` is not under this station's own topics"),
@@ -870,7 +870,7 @@ impl<B: PointBackend> Engine<B> {
         if let (Some(hash), Some(existing)) = (seen, self.lookup(station, &cmd.request_id)) {
             if hash == store::content_hash(&cmd.body) {
                 let out = Outgoing {
-                    topic: self.topic_for(&existing),
+                    address: address_of(&existing),
                     payload: existing.last_event.clone(),
                     correlation: existing.reply.as_ref().and_then(|r| r.correlation.clone()),
                 };
@@ -924,7 +924,7 @@ impl<B: PointBackend> Engine<B> {
             request_id: cmd.request_id.clone(),
             body: cmd.body.clone(),
             received_ms: now,
-            reply: self.reply_topic(station, props).map(|topic| ReplyTo {
+            reply: Self::reply_topic(props).map(|topic| ReplyTo {
                 topic,
                 correlation: props.correlation.clone(),
             }),
@@ -1446,10 +1446,10 @@ impl<B: PointBackend> Engine<B> {
             seq = req.seq,
             "event"
         );
-        let topic = topic_of(&self.s.topics, req);
+        let address = address_of(req);
         let correlation = req.reply.as_ref().and_then(|r| r.correlation.clone());
         self.dirty.insert(key.to_vec());
-        self.push_outbox(topic, payload, correlation);
+        self.push_outbox(address, payload, correlation);
     }
 
     fn set_wake(&mut self, key: &[u8]) {
@@ -1557,7 +1557,7 @@ impl<B: PointBackend> Engine<B> {
             });
             self.publishes.push(LinkPublish {
                 outbox_id: None,
-                topic: self.topic_for(r),
+                dest: Dest::Event(address_of(r)),
                 payload: ev.to_json(),
                 correlation: r.reply.as_ref().and_then(|x| x.correlation.clone()),
                 retain: false,
@@ -1732,7 +1732,7 @@ impl<B: PointBackend> Engine<B> {
             let payload = serde_json::to_vec(&ts).unwrap_or_default();
             let _ = self.link.send(ToLink::Publish(LinkPublish {
                 outbox_id: None,
-                topic: self.s.topics.terminal_state(&name),
+                dest: Dest::Terminal(name.clone()),
                 payload,
                 correlation: None,
                 retain: true,
@@ -1785,7 +1785,7 @@ impl<B: PointBackend> Engine<B> {
         self.published_status = Some(status.clone());
         let _ = self.link.send(ToLink::Publish(LinkPublish {
             outbox_id: None,
-            topic: self.s.topics.status(),
+            dest: Dest::Status,
             payload: serde_json::to_vec(&status).unwrap_or_default(),
             correlation: None,
             retain: true,

@@ -10,11 +10,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::command::StationSection;
 use crate::domain::operator::{ControlReply, ControlRequest};
+use crate::domain::outcome::Address;
 
 /// MQTT 5 properties of a command that matter to the engine.
 #[derive(Debug, Clone, Default)]
 pub struct CommandProps {
     pub response_topic: Option<String>,
+    /// The link's verdict on `response_topic` (its Response Topic policy): only an
+    /// allowed one is used; a command naming another is refused `bad_field`.
+    pub response_topic_allowed: bool,
     pub correlation: Option<Vec<u8>>,
     pub message_expiry_s: Option<u32>,
 }
@@ -55,11 +59,22 @@ pub enum ToLink {
     Publish(LinkPublish),
 }
 
+/// What a publish is about; the link renders it as a topic (`station::topics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dest {
+    /// A request's event (from the outbox, or a refusal sent outside it).
+    Event(Address),
+    /// The agent's status document (retained).
+    Status,
+    /// A terminal's state document (retained).
+    Terminal(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkPublish {
     /// `Some` for outbox events (removed on PUBACK); `None` for retained status.
     pub outbox_id: Option<u64>,
-    pub topic: String,
+    pub dest: Dest,
     pub payload: Vec<u8>,
     pub correlation: Option<Vec<u8>>,
     pub retain: bool,

@@ -34,7 +34,8 @@ use rumqttc::Outgoing;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::port::{CommandProps, EngineHandle, LinkPublish, ToEngine, ToLink};
+use crate::domain::outcome::Address;
+use crate::engine::port::{CommandProps, Dest, EngineHandle, LinkPublish, ToEngine, ToLink};
 use crate::station::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +202,7 @@ pub async fn run(
     let publisher = tokio::spawn(publisher(
         client.clone(),
         shared.clone(),
+        cfg.topics.clone(),
         from_engine,
         shutdown.clone(),
     ));
@@ -218,6 +220,7 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 async fn publisher(
     client: AsyncClient,
     shared: Arc<Mutex<Shared>>,
+    topics: Topics,
     mut rx: mpsc::UnboundedReceiver<ToLink>,
     shutdown: CancellationToken,
 ) {
@@ -237,7 +240,7 @@ async fn publisher(
             ToLink::Publish(p) => {
                 let mut p = Some(p);
                 while let Some(item) = p.take() {
-                    match try_send(&client, &shared, item) {
+                    match try_send(&client, &shared, &topics, item) {
                         Ok(()) => {}
                         Err(back) => {
                             // rumqttc's request queue is full: let it drain.
@@ -254,11 +257,23 @@ async fn publisher(
     }
 }
 
+/// The topic of a publish: the link owns topic rendering (the engine speaks of stations,
+/// Response Topics, the status and terminals).
+pub fn topic_of(topics: &Topics, dest: &Dest) -> String {
+    match dest {
+        Dest::Event(Address::Station(station)) => topics.events(station),
+        Dest::Event(Address::Reply(topic) | Address::Topic(topic)) => topic.clone(),
+        Dest::Status => topics.status(),
+        Dest::Terminal(terminal) => topics.terminal_state(terminal),
+    }
+}
+
 /// Queue one publish to rumqttc, tagging it in the FIFO, atomically with respect to
 /// connection changes. Returns the item when rumqttc's queue is full.
 fn try_send(
     client: &AsyncClient,
     shared: &Mutex<Shared>,
+    topics: &Topics,
     p: LinkPublish,
 ) -> Result<(), LinkPublish> {
     let mut s = lock(shared);
@@ -270,20 +285,16 @@ fn try_send(
         correlation_data: Some(c.clone().into()),
         ..Default::default()
     });
+    let topic = topic_of(topics, &p.dest);
     let res = match props {
         Some(props) => client.try_publish_with_properties(
-            p.topic.clone(),
+            topic,
             QoS::AtLeastOnce,
             p.retain,
             p.payload.clone(),
             props,
         ),
-        None => client.try_publish(
-            p.topic.clone(),
-            QoS::AtLeastOnce,
-            p.retain,
-            p.payload.clone(),
-        ),
+        None => client.try_publish(topic, QoS::AtLeastOnce, p.retain, p.payload.clone()),
     };
     match res {
         Ok(()) => {
@@ -365,8 +376,12 @@ async fn poll_loop(
                     continue;
                 };
                 let props = p.properties.as_ref();
+                let response_topic = props.and_then(|x| x.response_topic.clone());
                 let props = CommandProps {
-                    response_topic: props.and_then(|x| x.response_topic.clone()),
+                    response_topic_allowed: response_topic
+                        .as_ref()
+                        .is_some_and(|t| cfg.topics.is_station_topic(&station, t)),
+                    response_topic,
                     correlation: props
                         .and_then(|x| x.correlation_data.as_ref().map(|c| c.to_vec())),
                     message_expiry_s: props.and_then(|x| x.message_expiry_interval),

@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::command::CommandBody;
+use crate::domain::outcome::Address;
 use crate::machine::charge::Charge;
 use crate::machine::refund::Refund;
 
@@ -220,16 +221,61 @@ fn done_key(final_ms: i64, key: &[u8]) -> Vec<u8> {
 }
 
 /// An event waiting for the broker's PUBACK.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
-    pub topic: String,
+    /// Where it goes; the station link renders the topic.
+    pub address: Address,
     pub payload: Vec<u8>,
     pub correlation: Option<Vec<u8>>,
 }
 
+/// Version 1 of an outbox entry: the topic rendered by the engine. Field order is the
+/// format: never reorder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutgoingV1 {
+    topic: String,
+    payload: Vec<u8>,
+    correlation: Option<Vec<u8>>,
+}
+
+/// Version 2 of an outbox entry: the destination as an `Address`, rendered by the link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutgoingV2 {
+    address: Address,
+    payload: Vec<u8>,
+    correlation: Option<Vec<u8>>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum OutboxEntry {
-    V1(Outgoing),
+    V1(OutgoingV1),
+    V2(OutgoingV2),
+}
+
+impl OutboxEntry {
+    fn into_outgoing(self) -> Outgoing {
+        match self {
+            // Written by a 0.1 agent: its rendered topic is kept as it was.
+            OutboxEntry::V1(v) => Outgoing {
+                address: Address::Topic(v.topic),
+                payload: v.payload,
+                correlation: v.correlation,
+            },
+            OutboxEntry::V2(v) => Outgoing {
+                address: v.address,
+                payload: v.payload,
+                correlation: v.correlation,
+            },
+        }
+    }
+
+    fn of(o: &Outgoing) -> OutboxEntry {
+        OutboxEntry::V2(OutgoingV2 {
+            address: o.address.clone(),
+            payload: o.payload.clone(),
+            correlation: o.correlation.clone(),
+        })
+    }
 }
 
 fn encode_request(r: &Request) -> Result<Vec<u8>, StoreError> {
@@ -566,8 +612,7 @@ impl Store {
         }
         let mut outs = Vec::with_capacity(w.outbox.len());
         for (id, o) in &w.outbox {
-            let bytes =
-                postcard::to_stdvec(&OutboxEntry::V1(o.clone())).map_err(StoreError::Encode)?;
+            let bytes = postcard::to_stdvec(&OutboxEntry::of(o)).map_err(StoreError::Encode)?;
             outs.push((id.to_be_bytes(), bytes));
         }
         use sled::Transactional;
@@ -630,8 +675,8 @@ impl Store {
         let mut out = Vec::new();
         for item in self.outbox.iter() {
             let (k, v) = item?;
-            let OutboxEntry::V1(o) = decode(&v, "outbox")?;
-            out.push((u64_from_key(&k), o));
+            let entry: OutboxEntry = decode(&v, "outbox")?;
+            out.push((u64_from_key(&k), entry.into_outgoing()));
         }
         Ok(out)
     }
@@ -698,7 +743,7 @@ mod tests {
                 outbox: vec![(
                     id,
                     Outgoing {
-                        topic: "t".into(),
+                        address: Address::Topic("t".into()),
                         payload: b"e1".to_vec(),
                         correlation: None,
                     },
@@ -738,7 +783,7 @@ mod tests {
                 outbox: vec![(
                     id,
                     Outgoing {
-                        topic: "t".into(),
+                        address: Address::Topic("t".into()),
                         payload: vec![1],
                         correlation: Some(vec![9]),
                     },
