@@ -32,7 +32,7 @@ use crate::domain::ids::{derived_reference, derived_ticket, rfc3339};
 use crate::domain::outcome::{
     AgentStatus, ErrorCode, ErrorInfo, Event, PaymentInfo, State, TerminalState,
 };
-use crate::domain::remote::{Candidate, Failure};
+use crate::domain::remote::Candidate;
 use crate::failpoint;
 use crate::machine::charge::{self as machine, Charge, Ctx, Effect, Emit, Input, Timing};
 use crate::machine::refund;
@@ -172,95 +172,6 @@ enum ApiAnswer {
 struct ApiResult {
     key: Vec<u8>,
     answer: ApiAnswer,
-}
-
-/// Map an API error to what the machine needs to know.
-fn failure(e: &ApiError, creating: bool) -> Failure {
-    if e.is_unauthorized() || matches!(e, ApiError::Token(_)) {
-        return Failure::Unauthorized;
-    }
-    match e.status() {
-        Some(429) => Failure::Unreachable {
-            retry_after_ms: e.retry_after().map(|d| d.as_millis() as i64),
-            rate_limited: true,
-        },
-        Some(409) => Failure::Conflict,
-        Some(404) => Failure::NotFound,
-        Some(s) if s >= 500 => {
-            if creating {
-                Failure::Ambiguous
-            } else {
-                Failure::Unreachable {
-                    retry_after_ms: e.retry_after().map(|d| d.as_millis() as i64),
-                    rate_limited: false,
-                }
-            }
-        }
-        Some(_) => Failure::Refused {
-            message: e.person_message(),
-        },
-        None => match e {
-            ApiError::Connect { .. } => Failure::Unreachable {
-                retry_after_ms: None,
-                rate_limited: false,
-            },
-            ApiError::Invalid(m) => Failure::Refused { message: m.clone() },
-            _ if creating => Failure::Ambiguous,
-            _ => Failure::Unreachable {
-                retry_after_ms: None,
-                rate_limited: false,
-            },
-        },
-    }
-}
-
-/// Reconcile's listing (reliability guide, steps 1–2): the intents of every UTC day from
-/// the send's day to `until_ms`'s (the engine's clock), and a `GET` of each created at or after the send began (less
-/// the clock skew allowance), paced by `pace`; returns those carrying `reference`.
-/// `Ok(None)` when the API does not serve the list.
-async fn reconcile_list<B: PointBackend>(
-    backend: &B,
-    from_ms: i64,
-    until_ms: i64,
-    reference: &str,
-    terminal: &str,
-    pace: Duration,
-) -> Result<Option<Vec<Candidate>>, ApiError> {
-    let from_ms = from_ms - Timing::RECONCILE_SKEW_MS;
-    let day = |ms: i64| {
-        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-            .map(|t| t.date())
-            .unwrap_or(time::Date::MIN)
-    };
-    let (mut date, last) = (day(from_ms), day(until_ms.max(from_ms)));
-    let mut listed = Vec::new();
-    loop {
-        match backend.list_charges_on(date).await? {
-            Some(l) => listed.extend(l),
-            None => return Ok(None),
-        }
-        match date.next_day() {
-            Some(d) if d <= last => date = d,
-            _ => break,
-        }
-    }
-    let mut found = Vec::new();
-    for l in listed {
-        // Without a readable creation time the intent is looked at anyway.
-        if l.created_unix.is_some_and(|t| t * 1000 < from_ms) {
-            continue;
-        }
-        tokio::time::sleep(pace).await;
-        let remote = backend.get_charge(&l.id).await?;
-        if remote.external_reference.as_deref() == Some(reference) {
-            found.push(Candidate {
-                device_matches: remote.terminal.as_deref() == Some(terminal),
-                created_ms: l.created_unix.map(|t| t * 1000),
-                remote,
-            });
-        }
-    }
-    Ok(Some(found))
 }
 
 /// The API's health as the status topic reports it.
@@ -1176,20 +1087,28 @@ impl<B: PointBackend> Engine<B> {
                 if let Err(e) = &res {
                     tracing::warn!(error = %e, "create failed");
                 }
-                Input::CreateDone(res.map_err(|e| failure(&e, true)))
+                Input::CreateDone(res.map_err(|e| self.backend.failure(&e, true)))
             }
-            ApiAnswer::Poll(res) => Input::PollDone(res.map_err(|e| failure(&e, false))),
-            ApiAnswer::Payment(res) => Input::PaymentDone(res.map_err(|e| failure(&e, false))),
-            ApiAnswer::Search(res) => Input::SearchDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Poll(res) => {
+                Input::PollDone(res.map_err(|e| self.backend.failure(&e, false)))
+            }
+            ApiAnswer::Payment(res) => {
+                Input::PaymentDone(res.map_err(|e| self.backend.failure(&e, false)))
+            }
+            ApiAnswer::Search(res) => {
+                Input::SearchDone(res.map_err(|e| self.backend.failure(&e, false)))
+            }
             ApiAnswer::List(res) => {
                 match &res {
                     Ok(Some(c)) => tracing::info!(candidates = c.len(), "reconcile listed"),
                     Ok(None) => tracing::warn!("reconcile: the intent list is not served"),
                     Err(e) => tracing::warn!(error = %e, "reconcile listing failed"),
                 }
-                Input::ListDone(res.map_err(|e| failure(&e, false)))
+                Input::ListDone(res.map_err(|e| self.backend.failure(&e, false)))
             }
-            ApiAnswer::Cancel(res) => Input::CancelDone(res.map_err(|e| failure(&e, false))),
+            ApiAnswer::Cancel(res) => {
+                Input::CancelDone(res.map_err(|e| self.backend.failure(&e, false)))
+            }
             ApiAnswer::Refund(a) => return self.on_refund_answer(&r.key, a, now),
         };
         self.apply(&r.key, input, now);
@@ -1664,7 +1583,14 @@ impl<B: PointBackend> Engine<B> {
                         reference,
                         terminal,
                     } => ApiAnswer::List(
-                        reconcile_list(&*backend, from_ms, until_ms, &reference, &terminal, pace)
+                        backend
+                            .find_created(
+                                from_ms - Timing::RECONCILE_SKEW_MS,
+                                until_ms,
+                                &reference,
+                                &terminal,
+                                pace,
+                            )
                             .await,
                     ),
                     Op::Cancel {

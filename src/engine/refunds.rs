@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 
 use super::refund::{self, Effect as RefundEffect, Input as RefundInput, Refund};
-use super::{failure, machine, ApiCall, CommandProps, Engine, Op, ValidCommand};
+use super::{machine, ApiCall, CommandProps, Engine, Op, ValidCommand};
 use crate::domain::command::CommandType;
 use crate::domain::command::{CommandBody, RefundCmd, Refusal, Via};
 use crate::domain::outcome::{ErrorCode, State};
@@ -204,20 +204,22 @@ impl<B: PointBackend> Engine<B> {
                 }
                 // A POST: `Ambiguous` marks "it may exist"; the machine retries with the
                 // same idempotency key (safe), and never expires it.
-                RefundInput::SendDone(res.map_err(|e| failure(&e, true)))
+                RefundInput::SendDone(res.map_err(|e| self.backend.failure(&e, true)))
             }
             RefundAnswer::Create(res) => {
                 if let Err(e) = &res {
                     tracing::warn!(error = %e, "refund intent create failed");
                 }
-                RefundInput::CreateDone(res.map_err(|e| failure(&e, true)))
+                RefundInput::CreateDone(res.map_err(|e| self.backend.failure(&e, true)))
             }
-            RefundAnswer::Get(res) => RefundInput::PollDone(res.map_err(|e| failure(&e, false))),
+            RefundAnswer::Get(res) => {
+                RefundInput::PollDone(res.map_err(|e| self.backend.failure(&e, false)))
+            }
             RefundAnswer::Cancel(res) => {
-                RefundInput::CancelDone(res.map_err(|e| failure(&e, false)))
+                RefundInput::CancelDone(res.map_err(|e| self.backend.failure(&e, false)))
             }
             RefundAnswer::Payment(res) => {
-                RefundInput::PaymentDone(res.map_err(|e| failure(&e, false)))
+                RefundInput::PaymentDone(res.map_err(|e| self.backend.failure(&e, false)))
             }
         };
         self.apply_refund(key, input, now);

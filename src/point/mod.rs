@@ -156,6 +156,23 @@ pub trait PointBackend: Send + Sync + 'static {
         false
     }
 
+    /// What a failed call means to the machines; `creating` when the call was a create
+    /// (a lost answer may then have left a charge behind). Each API has its own codes.
+    fn failure(&self, e: &ApiError, creating: bool) -> Failure;
+
+    /// Reconcile: the charges carrying `reference` created at or after `from_ms` (Unix
+    /// ms, the caller's skew allowance included) up to `until_ms`, each with whether its
+    /// device is `terminal`; requests paced `pace` apart. `Ok(None)` when the API serves
+    /// no such search. The backend's own strategy (listing by day, or a lookup by key).
+    fn find_created(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        reference: &str,
+        terminal: &str,
+        pace: Duration,
+    ) -> impl Future<Output = Result<Option<Vec<Candidate>>, ApiError>> + Send;
+
     /// Devices visible to the token (all pages).
     fn list_devices(&self) -> impl Future<Output = Result<Vec<Device>, ApiError>> + Send;
 

@@ -33,7 +33,14 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime, PrimitiveDateTime};
 
+pub mod classify;
+pub mod reconcile;
+
+use std::future::Future;
+use std::time::Duration;
+
 use crate::domain::command::MlbPayment;
+use crate::domain::remote::{Candidate, Failure};
 use crate::money::{Cents, Site};
 use crate::point::http::HttpClient;
 use crate::point::lenient::{
@@ -932,6 +939,21 @@ fn more_device_pages(paging: Option<&Paging>, offset: usize, got: usize, new: us
 }
 
 impl PointBackend for IntegrationsClient {
+    fn failure(&self, e: &ApiError, creating: bool) -> Failure {
+        classify::failure(e, creating)
+    }
+
+    fn find_created(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        reference: &str,
+        terminal: &str,
+        pace: Duration,
+    ) -> impl Future<Output = Result<Option<Vec<Candidate>>, ApiError>> + Send {
+        reconcile::find_created(self, from_ms, until_ms, reference, terminal, pace)
+    }
+
     async fn list_devices(&self) -> Result<Vec<Device>, ApiError> {
         let devices = self.list_all_devices(None, None).await?;
         Ok(devices.into_iter().map(Device::from).collect())
