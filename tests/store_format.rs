@@ -29,13 +29,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 // Every path into the crate is in this block (module paths are about to move).
-use pointgate::engine::machine::{CancelMark, Charge, PaymentSeen, Remote, Stage};
-use pointgate::engine::refund::{idempotency_key, Refund, Stage as RefundStage};
-use pointgate::engine::{derived_reference, derived_ticket};
+use pointgate::domain::command::{ChargeCmd, CommandBody, MlbPayment, RefundCmd, Via};
+use pointgate::domain::ids::{derived_reference, derived_ticket};
+use pointgate::domain::outcome::{Address, State, WaitReason};
+use pointgate::machine::charge::{CancelMark, Charge, PaymentSeen, Remote, Stage};
+use pointgate::machine::refund::{idempotency_key, Refund, Stage as RefundStage};
 use pointgate::money::Cents;
-use pointgate::point::MlbPayment;
-use pointgate::station::validate::{ChargeCmd, CommandBody, RefundCmd, Via};
-use pointgate::station::wire::{State, WaitReason};
 use pointgate::store::{content_hash, Dedup, Outgoing, Progress, ReplyTo, Request, Store, Writes};
 
 // ---------------------------------------------------------------------------------------
@@ -1064,7 +1063,9 @@ fn cases() -> Vec<Case> {
     out
 }
 
-/// Outbox entries: fixture name, what, id, value.
+/// Outbox entries of format 1 (written by 0.1 agents, the topic rendered by the engine):
+/// fixture name, what, id, value as read today (the topic kept as `Address::Topic`).
+/// Decode-only since format 2.
 fn outbox_cases() -> Vec<(&'static str, &'static str, u64, Outgoing)> {
     vec![
         (
@@ -1072,7 +1073,7 @@ fn outbox_cases() -> Vec<(&'static str, &'static str, u64, Outgoing)> {
             "outbox entry: an event to a Response Topic with Correlation Data",
             7,
             Outgoing {
-                topic: "pos/kiosk-1/replies".into(),
+                address: Address::Topic("pos/kiosk-1/replies".into()),
                 payload: ev(
                     "sale-1042",
                     "charge",
@@ -1088,7 +1089,7 @@ fn outbox_cases() -> Vec<(&'static str, &'static str, u64, Outgoing)> {
             "outbox entry: an event to the station's event topic, no Correlation Data",
             300,
             Outgoing {
-                topic: "pointgate/station/kiosk-2/evt".into(),
+                address: Address::Topic("pointgate/station/kiosk-2/evt".into()),
                 payload: ev("refund-7", "refund", "waiting", 2, r#","reason":"rate_limited""#),
                 correlation: None,
             },
@@ -1098,7 +1099,50 @@ fn outbox_cases() -> Vec<(&'static str, &'static str, u64, Outgoing)> {
             "outbox entry: an empty payload and empty (but present) Correlation Data, under a large id",
             0x0102_0304_0506_0708,
             Outgoing {
-                topic: "pointgate/station/kiosk-1/evt".into(),
+                address: Address::Topic("pointgate/station/kiosk-1/evt".into()),
+                payload: Vec::new(),
+                correlation: Some(Vec::new()),
+            },
+        ),
+    ]
+}
+
+/// Outbox entries of format 2 (the destination as an `Address`, rendered by the station
+/// link): what today's code writes. Fixtures under `v2/outbox/`.
+fn outbox_cases_v2() -> Vec<(&'static str, &'static str, u64, Outgoing)> {
+    vec![
+        (
+            "event_with_correlation",
+            "outbox entry (format 2): an event to a Response Topic with Correlation Data",
+            7,
+            Outgoing {
+                address: Address::Reply("pos/kiosk-1/replies".into()),
+                payload: ev(
+                    "sale-1042",
+                    "charge",
+                    "sent",
+                    2,
+                    &format!(r#","terminal":"{TERM_1}","amount":"15.00","intent_id":"{INTENT}""#),
+                ),
+                correlation: Some(vec![0x00, 0x01, 0x7f, 0x80, 0xfe, 0xff]),
+            },
+        ),
+        (
+            "event_without_correlation",
+            "outbox entry (format 2): an event to the station's event topic, no Correlation Data",
+            300,
+            Outgoing {
+                address: Address::Station("kiosk-2".into()),
+                payload: ev("refund-7", "refund", "waiting", 2, r#","reason":"rate_limited""#),
+                correlation: None,
+            },
+        ),
+        (
+            "empty_payload",
+            "outbox entry (format 2): an empty payload and empty (but present) Correlation Data, under a large id",
+            0x0102_0304_0506_0708,
+            Outgoing {
+                address: Address::Station("kiosk-1".into()),
                 payload: Vec::new(),
                 correlation: Some(Vec::new()),
             },
@@ -1439,7 +1483,7 @@ fn written() -> &'static BTreeMap<&'static str, TreeDump> {
             let w = Writes {
                 requests: cases.iter().map(|c| c.request.clone()).collect(),
                 refs: refs(&cases),
-                outbox: outbox_cases()
+                outbox: outbox_cases_v2()
                     .into_iter()
                     .map(|(_, _, id, o)| (id, o))
                     .collect(),
@@ -1493,9 +1537,9 @@ fn check_encoding() -> Vec<String> {
             }
         }
     }
-    for (name, what, id, _) in outbox_cases() {
+    for (name, what, id, _) in outbox_cases_v2() {
         match trees["outbox"].get(id.to_be_bytes().as_slice()) {
-            Some(v) => pin(&mut failures, &format!("outbox/{name}.hex"), what, v),
+            Some(v) => pin(&mut failures, &format!("../v2/outbox/{name}.hex"), what, v),
             None => failures.push(format!("outbox: nothing written under id {id}")),
         }
     }
@@ -1544,7 +1588,7 @@ fn check_encoding() -> Vec<String> {
             ));
         }
     }
-    let outbox_keys: BTreeSet<Vec<u8>> = outbox_cases()
+    let outbox_keys: BTreeSet<Vec<u8>> = outbox_cases_v2()
         .iter()
         .map(|(_, _, id, _)| id.to_be_bytes().to_vec())
         .collect();
@@ -1813,4 +1857,29 @@ fn the_fixtures_decode_to_the_expected_values() {
             .collect::<Vec<_>>(),
         kiosk2
     );
+}
+
+#[test]
+fn format_2_outbox_entries_decode_to_their_addresses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = sled::open(dir.path()).expect("sled open");
+        let outbox = db.open_tree("outbox").expect("tree");
+        for (name, _, id, _) in outbox_cases_v2() {
+            outbox
+                .insert(
+                    id.to_be_bytes(),
+                    fixture(&format!("../v2/outbox/{name}.hex")),
+                )
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let store = Store::open(dir.path()).expect("Store::open on the fixtures");
+    let mut expected: Vec<(u64, Outgoing)> = outbox_cases_v2()
+        .into_iter()
+        .map(|(_, _, id, o)| (id, o))
+        .collect();
+    expected.sort_by_key(|(id, _)| *id);
+    assert_eq!(store.outbox().expect("outbox"), expected);
 }
