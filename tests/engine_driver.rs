@@ -362,3 +362,300 @@ async fn charges_on_different_terminals_run_at_the_same_time() {
     h.point.decline(T1);
     h.until_state("kiosk-1", "k1", "declined", 5_000).await;
 }
+
+// ================================================================ the request limit
+
+/// The most calls in any window `[t, t + 1 s)` of the manual clock that starts at a call.
+fn busiest_second(at: &[i64]) -> usize {
+    let mut at = at.to_vec();
+    at.sort_unstable();
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..at.len() {
+        while j < at.len() && at[j] < at[i] + 1_000 {
+            j += 1;
+        }
+        best = best.max(j - i);
+    }
+    best
+}
+
+#[test]
+fn the_busiest_second_counts_calls_within_one_second_of_each_other() {
+    assert_eq!(busiest_second(&[0, 999, 1_000, 1_999]), 2);
+    assert_eq!(busiest_second(&[0, 500, 999, 1_000]), 3);
+    assert_eq!(busiest_second(&[]), 0);
+}
+
+/// Mirrors network::after_an_outage_no_second_holds_more_requests_than_the_limit:
+/// six charges arrive at once on six terminals with `max_requests_per_second = 2`.
+#[tokio::test(start_paused = true)]
+async fn no_second_of_the_clock_holds_more_api_calls_than_max_requests_per_second() {
+    const LIMIT: usize = 2;
+    let mut h = Harness::start(Options {
+        max_requests_per_second: LIMIT as u32,
+        ..Options::stations(6)
+    })
+    .await;
+    for i in 1..=6 {
+        let out = h
+            .command(&format!("kiosk-{i}"), charge(&format!("c{i}"), "10.00"))
+            .await;
+        assert_eq!(out[0]["state"], "accepted");
+    }
+    h.run_until(60_000, "every charge approved", |h| {
+        for i in 1..=6 {
+            let t = format!("PAX_A910__{i:04}");
+            if h.point.open_intent(&t).is_some() {
+                h.point.pay(&t);
+            }
+        }
+        (1..=6).all(|i| h.reached(&format!("kiosk-{i}"), &format!("c{i}"), "approved"))
+    })
+    .await;
+    let calls = h.point.calls();
+    let at: Vec<i64> = calls.iter().map(|c| c.at_ms).collect();
+    let busiest = busiest_second(&at);
+    assert!(
+        busiest <= LIMIT,
+        "{busiest} calls in one second (limit {LIMIT}): {calls:#?}"
+    );
+    assert_eq!(busiest, LIMIT, "the limit is used, not undershot");
+    // Not starved: 6 charges × (create, poll, payment) + the device listing at the limit.
+    let took = at.iter().max().unwrap() - START_MS;
+    assert!(
+        took < 15_000,
+        "{} calls took {took} ms at {LIMIT}/s",
+        calls.len()
+    );
+}
+
+/// Mirrors network::retry_after_is_honoured_and_5xx_bursts_still_end_every_charge (its
+/// 429 part): a 429's Retry-After holds every call, not only the one that got it.
+#[tokio::test(start_paused = true)]
+async fn a_429_retry_after_holds_every_api_call_until_it_has_passed() {
+    let mut h = Harness::start(Options::default()).await;
+    h.point
+        .fail(Scope::Creates, Fault::TooMany { retry_after_s: 3 }, 1);
+    let out = h.command("kiosk-1", charge("slow", "10.00")).await;
+    assert_eq!(states(&out), ["accepted", "waiting"], "{out:#?}");
+    assert_eq!(out[1]["reason"], "rate_limited");
+    let t429 = h.clock.now();
+    assert!(h
+        .point
+        .calls()
+        .iter()
+        .any(|c| c.at_ms == t429 && c.fault == Some(Fault::TooMany { retry_after_s: 3 })));
+    // Another station's charge during the pause waits for it too.
+    h.advance(1_000).await;
+    let out = h.command("kiosk-2", charge("other", "10.00")).await;
+    assert_eq!(states(&out), ["accepted"], "{out:#?}");
+    h.until_state("kiosk-1", "slow", "sent", 10_000).await;
+    h.until_state("kiosk-2", "other", "sent", 10_000).await;
+    let after: Vec<_> = h
+        .point
+        .calls()
+        .into_iter()
+        .filter(|c| c.at_ms > t429)
+        .collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|c| c.at_ms >= t429 + 3_000),
+        "a call left within Retry-After: {after:#?}"
+    );
+    assert_eq!(h.point.creates().len(), 2);
+}
+
+/// Mirrors network::a_charge_is_not_expired_before_its_deadline: the API cannot be
+/// reached, so the charge is `expired` when its ttl runs out, within a second, not before.
+#[tokio::test(start_paused = true)]
+async fn a_charge_the_api_never_took_expires_at_its_deadline_not_before() {
+    let mut h = Harness::start(Options::default()).await;
+    h.point.fail(Scope::Creates, Fault::Connect, 1_000);
+    let cmd = json!({"v":1,"type":"charge","request_id":"late","amount":"10.00","ttl_s":10});
+    let out = h.command("kiosk-1", cmd).await;
+    assert_eq!(states(&out), ["accepted", "waiting"], "{out:#?}");
+    assert_eq!(out[1]["reason"], "api_unreachable");
+    h.advance(9_900).await;
+    assert!(
+        !h.reached("kiosk-1", "late", "expired"),
+        "not before the deadline"
+    );
+    let fin = h.until_state("kiosk-1", "late", "expired", 1_100).await;
+    assert_eq!(fin["final"], true);
+    assert!(
+        h.point
+            .calls()
+            .iter()
+            .filter(|c| c.what == "create")
+            .count()
+            > 1,
+        "it kept trying"
+    );
+    assert!(h.point.creates().is_empty());
+}
+
+// ================================================================ recovery at start
+
+/// Mirrors crash::kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice (a
+/// stop while the intent is open) and packaging::charges_queued_before_an_upgrade_finish_after_it.
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_an_open_charge_is_followed_again_and_ends_approved_with_one_create() {
+    let mut h = Harness::start(Options::default()).await;
+    let out = h.command("kiosk-1", charge("open-1", "10.00")).await;
+    assert_eq!(states(&out), ["accepted", "sent"]);
+    h.stop().await;
+    let resumed = h.restart_unconnected().await;
+    assert_eq!(resumed, 1, "the open charge is resumed");
+    h.connect().await;
+    let restarted_at = h.clock.now();
+    h.point.pay(T1);
+    h.until_state("kiosk-1", "open-1", "approved", 5_000).await;
+    assert!(
+        h.point
+            .calls()
+            .iter()
+            .any(|c| c.what == "get" && c.at_ms >= restarted_at),
+        "the new engine polled the intent"
+    );
+    assert_eq!(h.point.creates().len(), 1, "never created again");
+}
+
+/// Mirrors crash_points::a_crash_at_every_fail_point_loses_nothing_and_creates_nothing_twice
+/// at `create_before_send`: the send is written ahead, and the create has not left (the
+/// request limit holds it) when the agent stops.
+#[tokio::test(start_paused = true)]
+async fn a_charge_written_ahead_but_never_sent_is_created_exactly_once_after_a_restart() {
+    let mut h = Harness::start(Options {
+        max_requests_per_second: 1,
+        ..Options::default()
+    })
+    .await;
+    // The device listing took this second's only request.
+    let out = h.command("kiosk-1", charge("ahead-1", "10.00")).await;
+    assert_eq!(states(&out), ["accepted"], "{out:#?}");
+    assert!(
+        h.point.creates().is_empty(),
+        "the create is held by the limit"
+    );
+    h.stop().await;
+    assert_eq!(h.restart_unconnected().await, 1);
+    h.connect().await;
+    h.until_state("kiosk-1", "ahead-1", "sent", 10_000).await;
+    let calls = h.point.calls();
+    let list = calls.iter().position(|c| c.what == "list");
+    let create = calls.iter().position(|c| c.what == "create");
+    assert!(
+        list.is_some() && list < create,
+        "reconcile looked before it created: {calls:#?}"
+    );
+    h.point.pay(T1);
+    h.until_state("kiosk-1", "ahead-1", "approved", 5_000).await;
+    assert_eq!(h.point.creates().len(), 1, "created exactly once");
+}
+
+/// Mirrors crash_points at `create_after_send` and
+/// e2e_charge::a_lost_create_answer_is_reconciled_through_the_intent_list: the create
+/// committed at Mercado Pago and its answer never came before the stop.
+#[tokio::test(start_paused = true)]
+async fn a_create_that_committed_but_never_answered_before_a_stop_is_adopted_not_sent_again() {
+    let mut h = Harness::start(Options::default()).await;
+    h.point.fail(Scope::Creates, Fault::CommitThenHang, 1);
+    let out = h.command("kiosk-1", charge("hung-1", "10.00")).await;
+    assert_eq!(states(&out), ["accepted"], "{out:#?}");
+    assert_eq!(
+        h.point.creates().len(),
+        1,
+        "the intent exists at Mercado Pago"
+    );
+    h.stop().await;
+    assert_eq!(h.restart_unconnected().await, 1);
+    h.connect().await;
+    h.until_state("kiosk-1", "hung-1", "sent", 10_000).await;
+    h.point.pay(T1);
+    let fin = h.until_state("kiosk-1", "hung-1", "approved", 5_000).await;
+    assert_eq!(h.point.creates().len(), 1, "adopted, never created again");
+    assert_eq!(fin["intent_id"], h.latest("kiosk-1", "hung-1")["intent_id"]);
+    assert!(!states(&h.story("kiosk-1", "hung-1")).contains(&"needs_attention".to_string()));
+}
+
+/// Mirrors packaging::charges_queued_before_an_upgrade_finish_after_it: a charge accepted
+/// and waiting for its terminal at the stop is sent once, after the one ahead of it.
+#[tokio::test(start_paused = true)]
+async fn a_charge_waiting_for_its_terminal_at_a_stop_is_sent_once_after_the_restart() {
+    let mut h = Harness::start(Options::default()).await;
+    h.command("kiosk-1", charge("ahead", "10.00")).await;
+    let out = h.command("kiosk-1", charge("behind", "20.00")).await;
+    assert_eq!(states(&out), ["accepted", "waiting"]);
+    h.stop().await;
+    assert_eq!(h.restart_unconnected().await, 2);
+    h.connect().await;
+    h.advance(5_000).await;
+    assert_eq!(h.point.creates().len(), 1, "still behind the first");
+    h.point.pay(T1);
+    h.until_state("kiosk-1", "ahead", "approved", 5_000).await;
+    h.until_state("kiosk-1", "behind", "sent", 5_000).await;
+    h.point.pay(T1);
+    h.until_state("kiosk-1", "behind", "approved", 5_000).await;
+    assert_eq!(
+        h.point
+            .intent_amounts(T1)
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        [1000, 2000],
+        "each created once, in order"
+    );
+}
+
+/// Mirrors n4_broker_restart::sigterm_with_persistence_loses_no_command_and_no_event:
+/// events not acknowledged before a stop are sent again, after `Connected` only, and
+/// acknowledged ones are not.
+#[tokio::test(start_paused = true)]
+async fn unacknowledged_events_are_resent_after_connected_and_acknowledged_ones_are_not() {
+    let mut h = Harness::start(Options::default()).await;
+    h.auto_ack = false;
+    h.command("kiosk-1", charge("out-1", "10.00")).await;
+    let unacked: Vec<_> = h
+        .seen()
+        .into_iter()
+        .filter(|s| s.outbox_id.is_some())
+        .collect();
+    assert_eq!(
+        states(
+            &unacked
+                .iter()
+                .map(|s| s.payload.clone())
+                .collect::<Vec<_>>()
+        ),
+        ["accepted", "sent"]
+    );
+    h.stop().await;
+
+    let mark = h.seen().len();
+    h.restart_unconnected().await;
+    h.advance(2_000).await;
+    let before = h.seen().split_off(mark);
+    assert!(before.is_empty(), "nothing before Connected: {before:#?}");
+    h.auto_ack = true;
+    h.connect().await;
+    let after = h.seen().split_off(mark);
+    assert!(after[0].resync, "a Resync marker first: {after:#?}");
+    assert_eq!(
+        after[1..3],
+        unacked[..],
+        "the same outbox entries, same ids and payloads"
+    );
+
+    // Acknowledged now: the next reconnect has nothing to resend.
+    h.stop().await;
+    let mark = h.seen().len();
+    h.restart_unconnected().await;
+    h.connect().await;
+    let again = h.seen().split_off(mark);
+    assert!(again.first().is_some_and(|s| s.resync), "{again:#?}");
+    assert!(
+        again.iter().all(|s| s.outbox_id.is_none()),
+        "acknowledged events are not resent: {again:#?}"
+    );
+}
