@@ -199,7 +199,11 @@ async fn an_exact_repeat_is_answered_with_the_stored_latest_event_and_charges_no
         json!({"v":1,"type":"charge","request_id":"sale-1","amount":"10.00","print_on_terminal":true}),
     ] {
         let out = h.command("kiosk-1", repeat).await;
-        assert_eq!(out, [latest.clone()], "the latest event, same seq");
+        assert_eq!(
+            out,
+            std::slice::from_ref(&latest),
+            "the latest event, same seq"
+        );
     }
     h.point.pay(T1);
     let fin = h.until_state("kiosk-1", "sale-1", "approved", 5_000).await;
