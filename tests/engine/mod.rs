@@ -26,17 +26,19 @@ use tokio_util::sync::CancellationToken;
 
 // ---- every use of the library: the one block to change when its paths move ----
 use pointgate::config::StationSection;
-use pointgate::engine::machine::Timing;
-use pointgate::engine::{
-    channel, Clock, CommandProps, Engine, EngineHandle, LinkPublish, Settings, TimeFacts, ToEngine,
-    ToLink,
+use pointgate::domain::outcome::Address;
+use pointgate::domain::remote::{Candidate, Failure};
+use pointgate::engine::port::{
+    channel, CommandProps, Dest, EngineHandle, LinkPublish, ToEngine, ToLink,
 };
+use pointgate::engine::{Clock, Engine, Settings, TimeFacts};
+use pointgate::machine::charge::Timing;
 use pointgate::money::{Cents, Site};
+use pointgate::point::integrations::{classify, reconcile};
 use pointgate::point::{
     ApiError, CreateCharge, Device, ListedCharge, MpErrorBody, Payment, Phase, PointBackend,
     Refund, RemoteCharge,
 };
-use pointgate::station::topics::Topics;
 use pointgate::store::Store;
 // ---------------------------------------------------------------------------------
 
@@ -359,6 +361,22 @@ impl FakePoint {
 }
 
 impl PointBackend for FakePoint {
+    // The fake models the Integrations API: its classification and reconcile strategy.
+    fn failure(&self, e: &ApiError, creating: bool) -> Failure {
+        classify::failure(e, creating)
+    }
+
+    async fn find_created(
+        &self,
+        from_ms: i64,
+        until_ms: i64,
+        reference: &str,
+        terminal: &str,
+        pace: Duration,
+    ) -> Result<Option<Vec<Candidate>>, ApiError> {
+        reconcile::find_created(self, from_ms, until_ms, reference, terminal, pace).await
+    }
+
     async fn list_devices(&self) -> Result<Vec<Device>, ApiError> {
         let path = "/point/integration-api/devices";
         if let Some(f) = self.begin("devices", "", Scope::Devices) {
@@ -594,7 +612,6 @@ fn settings(o: &Options) -> Settings {
     Settings {
         site: Site::MLA,
         store_id: "store-test".into(),
-        topics: Topics::new(PREFIX),
         stations,
         charge_ttl_ms: o.charge_ttl_ms,
         refund_ttl_ms: 7 * 24 * 3_600_000,
@@ -895,7 +912,6 @@ impl Harness {
     /// Everything the engine handed the link, in order: the only place that reads a
     /// `LinkPublish`'s destination. Retained status and terminal state are left out.
     pub fn seen(&self) -> Vec<Seen> {
-        let station_events = format!("{PREFIX}/station/");
         let mut out = Vec::new();
         for m in &self.log {
             match m {
@@ -906,11 +922,10 @@ impl Harness {
                     payload: Value::Null,
                 }),
                 ToLink::Publish(p) if !p.retain => {
-                    let station = p
-                        .topic
-                        .strip_prefix(station_events.as_str())
-                        .and_then(|t| t.strip_suffix("/evt"))
-                        .map(str::to_string);
+                    let station = match &p.dest {
+                        Dest::Event(Address::Station(station)) => Some(station.clone()),
+                        _ => None,
+                    };
                     out.push(Seen {
                         resync: false,
                         outbox_id: p.outbox_id,

@@ -1,12 +1,11 @@
 //! The Integrations API's reconcile strategy: payment intents carry no idempotency key,
 //! so a create whose answer was lost is settled by listing the intents created since the
-//! send and reading each one (`find_created`). The machine decides what the candidates
+//! send and reading each one (`find_created`, over any backend that serves such a list). The machine decides what the candidates
 //! mean (`machine::charge`).
 
 use std::time::Duration;
 
 use crate::domain::remote::Candidate;
-use crate::point::integrations::IntegrationsClient;
 use crate::point::{ApiError, PointBackend};
 
 /// Reconcile's listing (reliability guide, steps 1–2): the intents of every UTC day from
@@ -14,8 +13,8 @@ use crate::point::{ApiError, PointBackend};
 /// engine's clock-skew allowance) to `until_ms`'s (the engine's clock), and a `GET` of each
 /// created at or after `from_ms`, paced by `pace`; returns those carrying `reference`.
 /// `Ok(None)` when the API does not serve the list.
-pub async fn find_created(
-    client: &IntegrationsClient,
+pub async fn find_created<B: PointBackend>(
+    client: &B,
     from_ms: i64,
     until_ms: i64,
     reference: &str,
