@@ -103,7 +103,7 @@ mod tests {
     /// or holds them unanswered (stalled), until the engine saw `probes` probes; returns
     /// the pings sent by then.
     async fn pings_after(answer: bool, probes: usize) -> usize {
-        let (handle, mut rx) = crate::engine::channel();
+        let (handle, mut rx) = crate::engine::port::channel();
         let pings = Arc::new(AtomicUsize::new(0));
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let engine = tokio::spawn(async move {
@@ -156,7 +156,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gone_engine_gets_no_watchdog_ping() {
-        let (handle, rx) = crate::engine::channel();
+        let (handle, rx) = crate::engine::port::channel();
         drop(rx);
         let shutdown = CancellationToken::new();
         let pings = Arc::new(AtomicUsize::new(0));

@@ -1013,5 +1013,6 @@ impl Refund {
     }
 }
 
+// The store's tests build refunds in every stage with these helpers.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -885,4 +885,28 @@ mod tests {
         }
         assert_ne!(content_hash(&a.body), content_hash(&b.body));
     }
+
+    #[test]
+    fn a_stored_refund_reads_back_the_same_in_every_stage() {
+        use crate::domain::remote::{Failure, Phase};
+        use crate::machine::refund::tests::{api_sending, ctx, payment, remote, terminal_live};
+        use crate::machine::refund::Input;
+        let mut stages = vec![api_sending(), terminal_live()];
+        let mut r = api_sending();
+        r.step(Input::SendDone(Err(Failure::Ambiguous)), &ctx(1_100));
+        stages.push(r);
+        let mut r = terminal_live();
+        r.step(Input::PollDone(Ok(remote(Phase::Ended))), &ctx(5_000));
+        r.step(
+            Input::PaymentDone(Ok(payment("refunded", 1500))),
+            &ctx(5_100),
+        );
+        stages.push(r);
+        for r in stages {
+            let p = Progress::Refund(r);
+            let bytes = postcard::to_stdvec(&p).unwrap();
+            let back: Progress = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back, p);
+        }
+    }
 }
