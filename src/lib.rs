@@ -40,6 +40,7 @@ pub mod failpoint;
 pub mod logging;
 pub mod machine;
 pub mod money;
+pub mod mqtt;
 pub mod point;
 pub mod service;
 #[cfg(feature = "devtools")]

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StationSection;
+use crate::domain::command::StationSection;
 use crate::domain::command::CommandType;
 use crate::domain::command::{
     self as validate, ChargeCmd, CommandBody, Context, Refusal, ValidCommand,

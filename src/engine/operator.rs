@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::machine::Input;
 use super::{rfc3339, Engine};
-use crate::config::StationSection;
+use crate::domain::command::StationSection;
 use crate::domain::command::CommandBody;
 use crate::domain::operator::{
     ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,

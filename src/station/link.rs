@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::outcome::Address;
 use crate::engine::port::{CommandProps, Dest, EngineHandle, LinkPublish, ToEngine, ToLink};
+use crate::mqtt::{self, keep_alive, stall_limit};
 use crate::station::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,22 +80,8 @@ struct Shared {
 }
 
 fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
-    let url = reqwest::Url::parse(&cfg.url)
-        .map_err(|e| LinkError::Url(cfg.url.clone(), e.to_string()))?;
-    let tls = match url.scheme() {
-        "mqtt" | "tcp" => false,
-        "mqtts" | "ssl" => true,
-        other => {
-            return Err(LinkError::Url(
-                cfg.url.clone(),
-                format!("unknown scheme `{other}`"),
-            ))
-        }
-    };
-    let host = url
-        .host_str()
-        .ok_or_else(|| LinkError::Url(cfg.url.clone(), "no host".into()))?;
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let (host, port, tls) =
+        mqtt::broker_address(&cfg.url).map_err(|e| LinkError::Url(cfg.url.clone(), e))?;
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
     o.set_keep_alive(keep_alive(cfg.keep_alive));
     o.set_clean_start(false);
@@ -123,7 +110,14 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
     }
     if tls {
         o.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(cfg)?)),
+            rumqttc::TlsConfiguration::Rustls(Arc::new(
+                mqtt::tls_config(
+                    cfg.ca_file.as_deref(),
+                    cfg.cert_file.as_deref(),
+                    cfg.key_file.as_deref(),
+                )
+                .map_err(|e| LinkError::Tls(e.0))?,
+            )),
         ));
     }
     Ok(o)
@@ -131,63 +125,6 @@ fn options(cfg: &LinkConfig) -> Result<MqttOptions, LinkError> {
 
 /// At most this many QoS 1 publishes wait for their PUBACK at once.
 const OUTGOING_INFLIGHT: u16 = 256;
-
-fn read_pem_certs(
-    path: &PathBuf,
-) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, LinkError> {
-    use rustls_pki_types::pem::PemObject;
-    let certs: Result<Vec<_>, _> = rustls_pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))?
-        .collect();
-    certs.map_err(|e| LinkError::Tls(format!("{}: {e}", path.display())))
-}
-
-fn tls_config(cfg: &LinkConfig) -> Result<rustls::ClientConfig, LinkError> {
-    use rustls_pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(ca) => {
-            for c in read_pem_certs(ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| LinkError::Tls(format!("{}: {e}", ca.display())))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
-    match (&cfg.cert_file, &cfg.key_file) {
-        (Some(cert), Some(key)) => {
-            let chain = read_pem_certs(cert)?;
-            let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| LinkError::Tls(format!("{}: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| LinkError::Tls(e.to_string()))
-        }
-        _ => Ok(builder.with_no_client_auth()),
-    }
-}
-
-/// How long one `poll` of the event loop may take before the link gives up on the
-/// connection. rumqttc sends a PINGREQ every keep-alive whatever the traffic and fails
-/// when the previous one got no PINGRESP, so a half-open connection (packets dropped,
-/// nothing closed) fails within two keep-alives and `poll` returns at least once per
-/// keep-alive. The one case its timer cannot see is a write that never completes (the
-/// socket's send buffer full on a dead link): this limit catches that, and a connect or
-/// TLS handshake that hangs.
-fn stall_limit(keep_alive_cfg: Duration) -> Duration {
-    keep_alive(keep_alive_cfg) * 2
-}
-
-/// rumqttc's smallest keep-alive (`set_keep_alive` panics below it); config validation
-/// refuses less, this clamp keeps any other caller from panicking.
-const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
-
-fn keep_alive(configured: Duration) -> Duration {
-    configured.max(MIN_KEEP_ALIVE)
-}
 
 /// Run the link until `shutdown`; then publish `offline` and disconnect.
 pub async fn run(
@@ -435,9 +372,7 @@ async fn poll_loop(
                     was
                 };
                 attempts = attempts.saturating_add(1);
-                let cap_ms = 10_000u64;
-                let exp = 100u64.saturating_mul(1u64 << attempts.min(10)).min(cap_ms);
-                let delay = exp / 2 + fastrand::u64(0..=exp / 2);
+                let delay = mqtt::reconnect_delay_ms(attempts, fastrand::f64());
                 if was_connected {
                     tracing::warn!(url = %cfg.url, error = %e, retry_in_ms = delay, "broker connection lost");
                 } else {
@@ -475,6 +410,7 @@ async fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::MIN_KEEP_ALIVE;
 
     fn cfg(url: &str, keep_alive: Duration) -> LinkConfig {
         LinkConfig {
