@@ -2,23 +2,25 @@
 //! terminals.
 //!
 //! ```text
-//!  stations ──MQTT──▶ station::link ──▶ engine (one task) ──▶ point::PointBackend ──HTTPS──▶ Mercado Pago
-//!       ▲                   │              │   ▲                  (integrations)
-//!       └──── events ◀──────┘◀── outbox ───┘   └─ engine::machine (pure state machine)
-//!                                          │
-//!                                        store (sled: requests, refs, outbox)
+//!  stations ──MQTT──▶ station::link ──port──▶ engine (one task) ──▶ point::PointBackend ──HTTPS──▶ Mercado Pago
+//!       ▲                   │                   │   ▲                  (point::integrations)
+//!       └──── events ◀──────┘◀──── outbox ──────┘   └─ machine (pure state machines)
+//!                                               │
+//!                                             store (sled: requests, refs, outbox)
 //! ```
 //!
-//! - `config`: the one config tree, loaded and validated once.
-//! - `money`: amounts in cents, per-site limits, the contract's decimal strings.
-//! - `station`: MQTT wire types, command validation, topics, the link task.
-//! - `engine`: the charge state machine (pure) and the driver that performs its effects.
+//! Layers, bottom to top (`docs/architecture.md`; `tests/layering.rs` checks them):
+//! - `money`, `domain` (commands, outcomes, what the API said, ids, operator verbs) and
+//!   `machine` (the charge and refund state machines): pure.
 //! - `store`: the only code that touches sled; versioned records, real fsync.
-//! - `point`: the Point API behind one trait; the Integrations backend.
-//! - `sim`: the Point API simulator; `broker`: the embedded broker of `demo`.
-//! - `service`: the systemd protocol (readiness, watchdog fed by the engine loop, stopping).
-//! - `control`: the operator's control socket (`pointgate status`, `pointgate queue`);
-//!   `charge`: `pointgate charge`, a station on the command line.
+//! - `engine`: the driver, one task; `engine::port` is all an adapter may use.
+//! - `point`: the Point API behind one trait; `point::integrations` is the backend.
+//! - Adapters: `station` (the MQTT link and topics), `control` (the operator socket),
+//!   `service` (readiness, watchdog), sharing `mqtt` for what MQTT links have in common.
+//! - `config`: the one config tree, loaded and validated once; `charge`: `pointgate
+//!   charge`, a station on the command line; `sim`, `broker`, `demo`: developer tools.
+//!
+//! Only this file wires the parts together.
 //!
 //! SIGHUP (see [`run_with_reloads`]) re-reads the token file and the `[stations.*]`
 //! tables; everything else in the configuration takes effect at the next start.

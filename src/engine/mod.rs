@@ -30,8 +30,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::command::StationSection;
 use crate::domain::command::CommandType;
+use crate::domain::command::StationSection;
 use crate::domain::command::{
     self as validate, ChargeCmd, CommandBody, Context, Refusal, ValidCommand,
 };

@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 use super::machine::Input;
 use super::{rfc3339, Engine};
-use crate::domain::command::StationSection;
 use crate::domain::command::CommandBody;
+use crate::domain::command::StationSection;
 use crate::domain::operator::{
     ChangeView, ControlFailure, ControlReply, ControlRequest, FailureCode, ListView, Outcome,
     PendingSummary, RequestDetail, RequestRow, StatusView,

@@ -38,7 +38,7 @@ pub enum ToEngine {
     Published { outbox_id: u64 },
     /// The link (re)connected: send it the whole outbox again, after a `Resync` marker.
     Connected { session_present: bool },
-    /// An operator's request from the control socket (`engine/control.rs`).
+    /// An operator's request from the control socket (`engine/operator.rs`).
     Control {
         request: ControlRequest,
         reply: oneshot::Sender<ControlReply>,
