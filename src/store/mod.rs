@@ -1,7 +1,7 @@
 //! The store: the only code that touches sled. Everything the agent promised a station
 //! lives here, and nothing is promised before it is here *and on disk*.
 //!
-//! # On-disk format (version 1)
+//! # On-disk format (version 2)
 //!
 //! One sled database in `queue.dir`, with these trees:
 //!
@@ -13,7 +13,7 @@
 //! | `done`     | `<final_ms u64 BE> <request key>`    | empty: final requests by end time (retention, republish) |
 //! | `open`     | the request's key                    | empty: requests not final (recovery reads only these) |
 //! | `refs`     | `external_reference` (UTF-8)         | the owning request's key |
-//! | `outbox`   | outbox id, u64 big-endian            | `OutboxEntry` (postcard) |
+//! | `outbox`   | outbox id, u64 big-endian            | `OutboxEntry` (postcard): `V1` the rendered topic (format 1), `V2` an `Address` the link renders (format 2) |
 //! | `meta`     | `b"format"`                          | `FORMAT_VERSION` as one byte |
 //! | `meta`     | `b"boot_id"`                         | the kernel boot id the agent last ran under (UTF-8) |
 //! | `meta`     | `b"last_ms"`                         | the latest wall-clock time a batch was written at, i64 BE |
@@ -38,6 +38,28 @@
 //! write. Never reorder or change an existing variant. Inside a record, the command body
 //! and the last event are JSON (self-describing), so they can gain optional fields freely.
 //!
+//! **Versions.** Format 1 (0.1 agents): `Record::V1`, `DedupEntry::V1`,
+//! `OutboxEntry::V1` (the engine rendered the topic). Format 2: the outbox entry carries
+//! an `Address` (`OutboxEntry::V2`) and the station link renders it; a format 1 store is
+//! opened as it is (its `V1` entries read as `Address::Topic`) and its `format` byte is
+//! raised to 2, so an older agent refuses it instead of misreading an entry.
+//!
+//! **The rule, from format 2 on.** Persisted enums are append-only: a variant is never
+//! inserted, removed or reordered, and a field of a persisted struct is never inserted,
+//! removed, reordered or retyped. Any change to a persisted type bumps the record's
+//! version (a new variant appended to `Record`, `DedupEntry` or `OutboxEntry`) with a
+//! decode path for the old one, bumps `FORMAT_VERSION`, and adds golden fixtures of the
+//! new version beside the old ones, which keep decoding (`tests/fixtures/store/`,
+//! `tests/store_format.rs`; fixtures are never regenerated). The JSON of `CommandBody`
+//! (hashed into `dedup`) and the derived identifiers (`domain::ids`) are formats too.
+//! Persisted: everything reachable from `Record` (`Progress`, `machine::charge::Charge`
+//! and its `Stage`, `Remote`, `CancelMark`, `PaymentSeen`, `machine::refund::Refund` and
+//! its `Stage`, `Via`, `State`, `WaitReason`, `Cents`), `Dedup`, `Outgoing`/`Address`,
+//! the `meta` values and every key layout. (`Stage::Reconciling` sits in the middle of
+//! the charge stages: it was inserted in commit bc64169, before any version was tagged
+//! or packaged for a store, so no store with the older variant order exists to migrate;
+//! the format 1 fixtures are of the order with it.)
+//!
 //! # Durability
 //!
 //! sled's `flush()` on Linux is `sync_file_range`, which does not make data durable
@@ -58,7 +80,7 @@ use crate::machine::charge::Charge;
 use crate::machine::refund::Refund;
 
 /// The on-disk format version written in `meta`.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -378,6 +400,13 @@ impl Store {
         match meta.get(b"format")? {
             Some(v) if v.first().copied().unwrap_or(0) > FORMAT_VERSION => {
                 return Err(StoreError::TooNew { found: v[0] });
+            }
+            // Format 1 (0.1 agents) reads as it is: its outbox entries (`OutboxEntry::V1`)
+            // keep their decode path. The byte is raised so that an older agent, which
+            // cannot read `OutboxEntry::V2`, refuses the store (`TooNew`) instead of
+            // failing on an entry.
+            Some(v) if v.first().copied().unwrap_or(0) < FORMAT_VERSION => {
+                meta.insert(b"format", &[FORMAT_VERSION])?;
             }
             Some(_) => {}
             None => {
