@@ -26,48 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::outcome::{ErrorCode, ResolvedBy, State, WaitReason};
 use crate::domain::remote::{Candidate, Failure, Payment, Phase, RemoteCharge};
+use crate::machine::live::{self, LiveNext};
+pub use crate::machine::live::{CancelMark, Ctx, Emit, PaymentSeen, Remote, Timing};
 use crate::money::Cents;
-
-/// Timing rules, from config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    pub poll_interval_ms: i64,
-    pub terminal_timeout_ms: i64,
-    pub confirm_window_ms: i64,
-    pub confirm_window_max_ms: i64,
-}
-
-impl Timing {
-    /// The API asks for at most one GET per second per intent.
-    pub const MIN_POLL_GAP_MS: i64 = 1_000;
-    /// How long the API may be unreachable before a live charge reports it.
-    pub const UNREACHABLE_REPORT_MS: i64 = 10_000;
-    /// Retry backoff: first delay and cap.
-    pub const BACKOFF_BASE_MS: i64 = 500;
-    pub const BACKOFF_CAP_MS: i64 = 30_000;
-    /// Lookups during `needs_attention`, after the confirm window.
-    pub const ATTENTION_LOOKUP_MS: i64 = 30_000;
-    /// How long after a send began reconcile waits before it lists: a create that
-    /// reached Mercado Pago shows in the list by then.
-    pub const RECONCILE_SETTLE_MS: i64 = 2_000;
-    /// An intent created this long before our send began still counts (clock skew).
-    pub const RECONCILE_SKEW_MS: i64 = 120_000;
-    /// Rounds of "re-create answered 409, reconcile found nothing" before giving up.
-    pub const RECONCILE_MAX_ROUNDS: u32 = 5;
-}
-
-/// What the machine knows besides the input: the time, and a random number for jitter.
-#[derive(Debug, Clone, Copy)]
-pub struct Ctx {
-    pub now_ms: i64,
-    /// Uniform in [0, 1): the driver's jitter source.
-    pub jitter: f64,
-    pub timing: Timing,
-    /// The backend's creates carry an idempotency key (generated with the request,
-    /// stored before the first send, reused on every retry): a retry cannot make a
-    /// second charge. False for payment intents, which have no key.
-    pub idempotent_create: bool,
-}
 
 /// Where a charge stands. Stored with the request; internal stages (`SendBegun`,
 /// `Confirming`) are never published as such.
@@ -104,24 +65,6 @@ pub enum Stage {
     Done { state: State },
 }
 
-/// The remote stage of a live intent, as far as the station has been told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Remote {
-    Open,
-    OnTerminal,
-    Processing,
-}
-
-/// Whether the agent is canceling a live intent, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CancelMark {
-    None,
-    /// A station asked for it.
-    Station,
-    /// It stayed OPEN `terminal_timeout` after `sent`: it ends `expired`.
-    Timeout,
-}
-
 /// The part of a charge the machine reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
@@ -152,13 +95,6 @@ pub struct Charge {
     /// In `needs_attention` without an intent: the next lookup is the payment search
     /// (else the intent list); they alternate.
     pub search_next: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PaymentSeen {
-    pub id: String,
-    pub status: String,
-    pub status_detail: Option<String>,
 }
 
 /// Something that happened to a charge.
@@ -219,42 +155,6 @@ pub enum Effect {
     /// Answer to a station's cancel: `Ok` → the cancel is `done`; `Err` → `failed`
     /// (or refused at once, when the driver can tell before storing it).
     CancelAnswer(Result<(), (ErrorCode, String)>),
-}
-
-/// A station event, before the driver adds seq, time, ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Emit {
-    pub state: State,
-    pub reason: Option<WaitReason>,
-    pub error: Option<(ErrorCode, String)>,
-    pub resolved_by: Option<ResolvedBy>,
-}
-
-impl Emit {
-    pub fn state(state: State) -> Emit {
-        Emit {
-            state,
-            reason: None,
-            error: None,
-            resolved_by: None,
-        }
-    }
-    fn waiting(reason: WaitReason) -> Emit {
-        Emit {
-            state: State::Waiting,
-            reason: Some(reason),
-            error: None,
-            resolved_by: None,
-        }
-    }
-    fn failed(code: ErrorCode, message: impl Into<String>) -> Emit {
-        Emit {
-            state: State::Failed,
-            reason: None,
-            error: Some((code, message.into())),
-            resolved_by: None,
-        }
-    }
 }
 
 impl Charge {
@@ -476,7 +376,7 @@ impl Charge {
     }
 
     fn poll_gap_ms(ctx: &Ctx) -> i64 {
-        ctx.timing.poll_interval_ms.max(Timing::MIN_POLL_GAP_MS)
+        live::poll_gap_ms(ctx)
     }
 
     /// Record an API failure on a live charge; maybe report `waiting`.
@@ -1043,7 +943,7 @@ impl Charge {
         }
     }
 
-    /// A poll answer for a live intent.
+    /// A poll answer for a live intent (`live::on_remote` says what it means).
     fn on_remote(&mut self, remote: RemoteCharge, ctx: &Ctx, fx: &mut Vec<Effect>) {
         let now = ctx.now_ms;
         let Stage::Live {
@@ -1055,37 +955,20 @@ impl Charge {
         else {
             return;
         };
-        let next_poll = now + Self::poll_gap_ms(ctx);
-        match remote.phase {
-            Phase::Open | Phase::Unknown => {
-                if remote.phase == Phase::Open
-                    && *cancel == CancelMark::None
-                    && now - *sent_ms >= ctx.timing.terminal_timeout_ms
-                {
-                    *cancel = CancelMark::Timeout;
-                    fx.push(Effect::CancelRemote {
-                        intent_id: intent_id.clone(),
-                    });
-                    self.next_at_ms = None;
-                    return;
+        match live::on_remote(&remote.phase, seen, *sent_ms, cancel, ctx) {
+            LiveNext::Poll { emit, next_at_ms } => {
+                if let Some(state) = emit {
+                    fx.push(Effect::Emit(Emit::state(state)));
                 }
-                self.next_at_ms = Some(next_poll);
+                self.next_at_ms = Some(next_at_ms);
             }
-            Phase::OnTerminal => {
-                if *seen == Remote::Open {
-                    *seen = Remote::OnTerminal;
-                    fx.push(Effect::Emit(Emit::state(State::OnTerminal)));
-                }
-                self.next_at_ms = Some(next_poll);
+            LiveNext::CancelForTimeout => {
+                fx.push(Effect::CancelRemote {
+                    intent_id: intent_id.clone(),
+                });
+                self.next_at_ms = None;
             }
-            Phase::Processing => {
-                if *seen != Remote::Processing {
-                    *seen = Remote::Processing;
-                    fx.push(Effect::Emit(Emit::state(State::Processing)));
-                }
-                self.next_at_ms = Some(next_poll);
-            }
-            Phase::Ended => {
+            LiveNext::Ended { .. } => {
                 let intent_id = intent_id.clone();
                 let payment_id = remote.payment_id.clone();
                 self.stage = Stage::Confirming {
@@ -1099,26 +982,14 @@ impl Charge {
                     None => self.next_at_ms = Some(now + Self::poll_gap_ms(ctx)),
                 }
             }
-            Phase::Canceled => {
-                let state = if *cancel == CancelMark::Timeout {
-                    State::Expired
-                } else {
-                    State::Canceled
-                };
-                let answer = *cancel == CancelMark::Station;
-                self.finish(Emit::state(state), fx);
-                if answer {
+            LiveNext::Final {
+                emit,
+                answer_cancel,
+            } => {
+                self.finish(emit, fx);
+                if answer_cancel {
                     fx.push(Effect::CancelAnswer(Ok(())));
                 }
-            }
-            Phase::Error => {
-                self.finish(
-                    Emit::failed(ErrorCode::TerminalError, "the terminal reported an error"),
-                    fx,
-                );
-            }
-            Phase::Abandoned => {
-                self.finish(Emit::state(State::Expired), fx);
             }
         }
     }

@@ -29,7 +29,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::charge::{CancelMark, Ctx, Emit, PaymentSeen, Remote, Timing};
+use super::live::{self, CancelMark, Ctx, Emit, LiveNext, PaymentSeen, Remote, Timing};
 use crate::domain::command::Via;
 use crate::domain::outcome::{ErrorCode, Event, PaymentInfo, ResolvedBy, State, WaitReason};
 use crate::domain::remote::{Failure, Payment, Phase, Refund as ApiRefund, RemoteCharge};
@@ -334,7 +334,7 @@ impl Refund {
     }
 
     fn poll_gap_ms(ctx: &Ctx) -> i64 {
-        ctx.timing.poll_interval_ms.max(Timing::MIN_POLL_GAP_MS)
+        live::poll_gap_ms(ctx)
     }
 
     /// An API failure: count it, schedule the retry, report `waiting` once the API has
@@ -892,7 +892,8 @@ impl Refund {
         }
     }
 
-    /// via terminal: a poll answer for the live refund intent.
+    /// via terminal: a poll answer for the live refund intent (`live::on_remote` says
+    /// what it means).
     fn on_remote(&mut self, remote: RemoteCharge, ctx: &Ctx, fx: &mut Vec<Effect>) {
         let now = ctx.now_ms;
         let Stage::Live {
@@ -904,38 +905,24 @@ impl Refund {
         else {
             return;
         };
-        let next_poll = now + Self::poll_gap_ms(ctx);
-        match remote.phase {
-            Phase::Open | Phase::Unknown => {
-                if remote.phase == Phase::Open
-                    && *cancel == CancelMark::None
-                    && now - *sent_ms >= ctx.timing.terminal_timeout_ms
-                {
-                    *cancel = CancelMark::Timeout;
-                    fx.push(Effect::CancelRemote {
-                        intent_id: intent_id.clone(),
-                    });
-                    self.next_at_ms = None;
-                    return;
+        match live::on_remote(&remote.phase, seen, *sent_ms, cancel, ctx) {
+            LiveNext::Poll {
+                emit: e,
+                next_at_ms,
+            } => {
+                if let Some(state) = e {
+                    fx.push(Effect::Emit(emit(state)));
                 }
-                self.next_at_ms = Some(next_poll);
+                self.next_at_ms = Some(next_at_ms);
             }
-            Phase::OnTerminal => {
-                if *seen == Remote::Open {
-                    *seen = Remote::OnTerminal;
-                    fx.push(Effect::Emit(emit(State::OnTerminal)));
-                }
-                self.next_at_ms = Some(next_poll);
+            LiveNext::CancelForTimeout => {
+                fx.push(Effect::CancelRemote {
+                    intent_id: intent_id.clone(),
+                });
+                self.next_at_ms = None;
             }
-            Phase::Processing => {
-                if *seen != Remote::Processing {
-                    *seen = Remote::Processing;
-                    fx.push(Effect::Emit(emit(State::Processing)));
-                }
-                self.next_at_ms = Some(next_poll);
-            }
-            Phase::Ended => {
-                if *seen != Remote::Processing {
+            LiveNext::Ended { seen } => {
+                if seen != Remote::Processing {
                     fx.push(Effect::Emit(emit(State::Processing)));
                 }
                 self.stage = Stage::Checking {
@@ -945,25 +932,15 @@ impl Refund {
                 self.next_at_ms = None;
                 fx.push(Effect::LookupPayment);
             }
-            Phase::Canceled => {
-                let state = if *cancel == CancelMark::Timeout {
-                    State::Expired
-                } else {
-                    State::Canceled
-                };
-                let answer = *cancel == CancelMark::Station;
-                self.finish(emit(state), fx);
-                if answer {
+            LiveNext::Final {
+                emit,
+                answer_cancel,
+            } => {
+                self.finish(emit, fx);
+                if answer_cancel {
                     fx.push(Effect::CancelAnswer(Ok(())));
                 }
             }
-            Phase::Error => {
-                self.finish(
-                    failed(ErrorCode::TerminalError, "the terminal reported an error"),
-                    fx,
-                );
-            }
-            Phase::Abandoned => self.finish(emit(State::Expired), fx),
         }
     }
 
