@@ -27,21 +27,16 @@ struct World {
 }
 
 async fn world(opts: AgentOpts) -> World {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(&broker.url(), opts).await;
-    let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
-    station
-        .subscribe(&format!("{}/station/+/evt", agent.prefix()))
-        .await;
-    station.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    station
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .agent(opts)
+        .station("kiosk-1-test")
+        .online_within(WAIT)
+        .start()
         .await;
     World {
-        _broker: broker,
-        agent,
-        station,
+        station: w.take_station(),
+        _broker: w.broker.take().expect("a broker"),
+        agent: w.agent,
         log: Vec::new(),
     }
 }

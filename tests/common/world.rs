@@ -63,6 +63,7 @@ pub struct WorldBuilder {
     run: Run,
     station: Option<StationSpec>,
     status_watch: bool,
+    online: Duration,
 }
 
 impl WorldBuilder {
@@ -129,6 +130,12 @@ impl WorldBuilder {
         self
     }
 
+    /// How long to wait for the agent to come online (default [`ONLINE`]).
+    pub fn online_within(mut self, wait: Duration) -> Self {
+        self.online = wait;
+        self
+    }
+
     pub async fn start(self) -> World {
         let mut opts = self.agent;
         let (broker, acl, url) = match self.broker {
@@ -169,7 +176,7 @@ impl WorldBuilder {
                 watch
                     .as_ref()
                     .expect("a broker to watch the agent on")
-                    .wait_online_since(spawned, ONLINE)
+                    .wait_online_since(spawned, self.online)
                     .await
                     .expect("the agent comes online");
             }
@@ -203,7 +210,7 @@ impl WorldBuilder {
                 };
                 s.wait_for(
                     |m| m.topic == status && m.json()["state"] == "online",
-                    ONLINE,
+                    self.online,
                 )
                 .await;
                 Some(s)
@@ -243,6 +250,7 @@ impl World {
             run: Run::InProcess,
             station: None,
             status_watch: false,
+            online: ONLINE,
         }
     }
 
@@ -258,6 +266,15 @@ impl World {
             (None, Some(a)) => a.port(),
             (None, None) => panic!("this world has no broker"),
         }
+    }
+
+    /// The plain broker and the agent, for a test that makes its own stations (the
+    /// world's station, if any, is dropped).
+    pub fn into_broker_and_agent(self) -> (Mosquitto, TestAgent) {
+        (
+            self.broker.expect("this world has a plain broker"),
+            self.agent,
+        )
     }
 
     /// The world's station; panics without one.
