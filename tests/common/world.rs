@@ -36,6 +36,7 @@ pub const ONLINE: Duration = Duration::from_secs(30);
 enum BrokerSpec {
     Default,
     Opts(MosquittoOpts),
+    Given(Mosquitto),
     Acl(Vec<String>),
     /// No broker: the agent's `mqtt.url`.
     None(String),
@@ -64,6 +65,7 @@ pub struct WorldBuilder {
     station: Option<StationSpec>,
     status_watch: bool,
     online: Duration,
+    agent_url: Option<String>,
 }
 
 impl WorldBuilder {
@@ -83,6 +85,19 @@ impl WorldBuilder {
     /// `[mqtt]` gets its username and password file) and each of `stations`.
     pub fn acl(mut self, stations: &[&str]) -> Self {
         self.broker = BrokerSpec::Acl(stations.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// This broker, started by the test (to put something in front of it, say).
+    pub fn with_broker(mut self, broker: Mosquitto) -> Self {
+        self.broker = BrokerSpec::Given(broker);
+        self
+    }
+
+    /// The agent's `mqtt.url`, when not the broker's own (a fault proxy in front of it, a
+    /// TLS listener); stations still use the broker's port.
+    pub fn agent_url(mut self, url: &str) -> Self {
+        self.agent_url = Some(url.to_owned());
         self
     }
 
@@ -149,6 +164,10 @@ impl WorldBuilder {
                 let url = b.url();
                 (Some(b), None, url)
             }
+            BrokerSpec::Given(b) => {
+                let url = b.url();
+                (Some(b), None, url)
+            }
             BrokerSpec::Acl(stations) => {
                 let users: Vec<&str> = stations.iter().map(String::as_str).collect();
                 let acl = AclBroker::start(&users);
@@ -158,6 +177,7 @@ impl WorldBuilder {
             }
             BrokerSpec::None(url) => (None, None, url),
         };
+        let url = self.agent_url.unwrap_or(url);
         let port = broker
             .as_ref()
             .map(Mosquitto::port)
@@ -251,6 +271,7 @@ impl World {
             station: None,
             status_watch: false,
             online: ONLINE,
+            agent_url: None,
         }
     }
 
