@@ -120,7 +120,7 @@ async fn readiness_does_not_wait_for_the_broker() {
     // Nothing listens on this port: the link keeps retrying, the agent is ready anyway.
     let url = format!("mqtt://127.0.0.1:{}", free_port());
     let mut agent = World::builder()
-        .no_broker(&url)
+        .broker_url(&url)
         .agent(AgentOpts::single(TerminalMode::Manual, TOKEN))
         .setup_only()
         .start()

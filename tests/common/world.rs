@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Variations: [`WorldBuilder::broker`] (Mosquitto options), [`WorldBuilder::acl`] (the
-//! shipped config and ACL, the agent logged in as `pointgate`), [`WorldBuilder::no_broker`]
-//! (the agent pointed at a URL where nothing listens), [`WorldBuilder::agent`] (the
+//! shipped config and ACL, the agent logged in as `pointgate`), [`WorldBuilder::broker_url`]
+//! (the agent pointed at a URL: nothing listens there, or the test's own broker), [`WorldBuilder::agent`] (the
 //! simulator's terminals and faults-to-be, the config's overrides: [`AgentOpts`]),
 //! [`WorldBuilder::process`] (the agent as a process, waited online through a
 //! [`StatusWatch`]), [`WorldBuilder::setup_only`] (simulator and config, no agent yet: the
@@ -101,8 +101,9 @@ impl WorldBuilder {
         self
     }
 
-    /// No broker at all: the agent gets `url` (where nothing listens, say).
-    pub fn no_broker(mut self, url: &str) -> Self {
+    /// No broker of the world's own: the agent gets `url` (where nothing listens, or a
+    /// broker the test set up itself, such as a TLS listener with its own PKI).
+    pub fn broker_url(mut self, url: &str) -> Self {
         self.broker = BrokerSpec::None(url.to_owned());
         self
     }
@@ -249,7 +250,7 @@ impl WorldBuilder {
 /// A broker, the simulator and the agent, and maybe a station and a status watch.
 /// Fields drop in order: the broker first, then the agent and the simulator.
 pub struct World {
-    /// The plain Mosquitto (None with [`WorldBuilder::acl`] or [`WorldBuilder::no_broker`]).
+    /// The plain Mosquitto (None with [`WorldBuilder::acl`] or [`WorldBuilder::broker_url`]).
     pub broker: Option<Mosquitto>,
     /// The shipped-ACL Mosquitto, with [`WorldBuilder::acl`].
     pub acl: Option<AclBroker>,
