@@ -629,7 +629,7 @@ async fn refunds_in_flight_or_unsent_resume_after_a_restart_and_are_made_once() 
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
     // The payment shows exactly the two refunds.
-    let w_payment = sim_payment(&sim, &pid).await;
+    let w_payment = sim_payment(sim, &pid).await;
     assert_eq!(w_payment["transaction_amount_refunded"].as_f64(), Some(5.0));
     assert_eq!(
         w_payment["refunds"].as_array().map(Vec::len),

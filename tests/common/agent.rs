@@ -212,7 +212,7 @@ impl TestAgent {
         let config_path = dir.write("pointgate.toml", &toml);
         let config = Config::from_toml_str(&toml, &HashMap::new()).expect("test config is valid");
         let log_path = dir.join("agent.log");
-        let agent = TestAgent {
+        TestAgent {
             sim,
             config,
             dir,
@@ -221,8 +221,7 @@ impl TestAgent {
             shutdown: CancellationToken::new(),
             task: None,
             proc: AgentProc::new(config_path, log_path),
-        };
-        agent
+        }
     }
 
     /// The config file's text with these stations (the rest from the options).
