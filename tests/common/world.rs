@@ -11,13 +11,26 @@
 //!     .await;
 //! ```
 //!
-//! Variations: [`WorldBuilder::broker`] (Mosquitto options), [`WorldBuilder::acl`] (the
-//! shipped config and ACL, the agent logged in as `pointgate`), [`WorldBuilder::broker_url`]
-//! (the agent pointed at a URL: nothing listens there, or the test's own broker), [`WorldBuilder::agent`] (the
-//! simulator's terminals and faults-to-be, the config's overrides: [`AgentOpts`]),
-//! [`WorldBuilder::process`] (the agent as a process, waited online through a
-//! [`StatusWatch`]), [`WorldBuilder::setup_only`] (simulator and config, no agent yet: the
-//! test starts it, in-process or as a process, with its own environment or wrapper).
+//! Variations, all on [`World::builder`]:
+//! - the broker: [`WorldBuilder::broker`] (Mosquitto options), [`WorldBuilder::acl`] (the
+//!   shipped config and ACL, the agent logged in as `pointgate`),
+//!   [`WorldBuilder::with_broker`] (one the test started) with [`WorldBuilder::agent_url`]
+//!   (the agent behind a fault proxy), [`WorldBuilder::broker_url`] (none of the world's
+//!   own: nothing listens there, or the test's TLS broker);
+//! - the simulator and the config: [`WorldBuilder::agent`] with [`AgentOpts`] (terminal
+//!   mode, stations and devices, tokens, `[point]`/`[queue]`/`[mqtt]` overrides, store id,
+//!   state directory; the presets [`AgentOpts::crowd`] and [`AgentOpts::single`]); faults
+//!   are set on `world.agent.sim` once the world runs;
+//! - the agent: in-process (default), [`WorldBuilder::process`] (the binary, waited online
+//!   through a [`StatusWatch`]), or [`WorldBuilder::setup_only`] (simulator and config, no
+//!   agent yet: the test starts it, in-process or as a process, with its own environment
+//!   or wrapper);
+//! - the stations: [`WorldBuilder::station`], [`WorldBuilder::status_station`],
+//!   [`WorldBuilder::acl_station`] (each waits until it saw the agent online,
+//!   [`WorldBuilder::online_within`]), [`WorldBuilder::status_watch`].
+//!
+//! A test file whose own `World` holds more (an event log, a second station) builds it
+//! from this one ([`World::take_station`], [`World::into_broker_and_agent`]).
 
 #![allow(dead_code)]
 
