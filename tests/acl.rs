@@ -7,7 +7,7 @@
 mod common;
 
 use common::acl::{AclBroker, WAIT};
-use common::agent::{charge, AgentOpts, TestAgent};
+use common::agent::{charge, TestAgent};
 use common::{MqttStation, Msg, PubOpts};
 use serde_json::Value;
 
@@ -21,24 +21,20 @@ struct World {
 }
 
 async fn world() -> World {
-    let acl = AclBroker::start(&["kiosk-1", "kiosk-2"]);
-    let agent = TestAgent::start(
-        &acl.url(),
-        AgentOpts {
-            mqtt_extra: acl.agent_mqtt_lines(),
-            ..AgentOpts::default()
-        },
-    )
-    .await;
-    let mut k1 = acl.station("kiosk-1", "kiosk-1", true).await;
-    k1.subscribe(&agent.evt_topic("kiosk-1")).await;
-    k1.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    k1.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .acl(&["kiosk-1", "kiosk-2"])
+        .acl_station("kiosk-1")
+        .start()
         .await;
+    let acl = w.acl.take().expect("the ACL broker");
     let mut k2 = acl.station("kiosk-2", "kiosk-2", true).await;
-    k2.subscribe(&agent.evt_topic("kiosk-2")).await;
-    World { acl, agent, k1, k2 }
+    k2.subscribe(&w.agent.evt_topic("kiosk-2")).await;
+    World {
+        k1: w.take_station(),
+        acl,
+        agent: w.agent,
+        k2,
+    }
 }
 
 fn json(m: &Msg) -> Value {

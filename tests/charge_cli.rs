@@ -5,27 +5,20 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::agent::{AgentOpts, TestAgent};
 use common::cli::{pointgate, Run};
-use common::{free_port, Mosquitto, MqttStation};
+use common::{free_port, Mosquitto};
 use pointgate::sim::{Fault, FaultScope, TerminalMode};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// Broker and agent, with the agent online (seen by a station on `agent/status`).
 async fn world(opts: AgentOpts) -> (Mosquitto, TestAgent) {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(&broker.url(), opts).await;
-    let mut watcher = MqttStation::connect(broker.port(), "status-watcher", true).await;
-    let status = agent.status_topic();
-    watcher.subscribe(&status).await;
-    watcher
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .agent(opts)
+        .status_station("status-watcher")
+        .start()
         .await;
-    watcher.disconnect().await;
-    (broker, agent)
+    w.take_station().disconnect().await;
+    w.into_broker_and_agent()
 }
 
 async fn charge(agent: &TestAgent, station: &str, amount: &str, extra: &[&str]) -> Run {

@@ -8,8 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::agent::{charge, AgentOpts, TestAgent, TOKEN};
-use common::agent_proc::AgentProcess;
+use common::agent::{charge, stations, AgentOpts, TestAgent, TOKEN};
 use common::cli::{pointgate, Run};
 use common::{Mosquitto, MqttStation};
 use pointgate::control::{self, ControlReply, ControlRequest, Outcome};
@@ -27,21 +26,15 @@ struct World {
 /// Broker, simulator, agent, and a station watching every station's events, with the
 /// agent online.
 async fn world(opts: AgentOpts) -> World {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(&broker.url(), opts).await;
-    let mut station = MqttStation::connect(broker.port(), "control-test", true).await;
-    station
-        .subscribe(&format!("{}/station/+/evt", agent.prefix()))
-        .await;
-    let status = agent.status_topic();
-    station.subscribe(&status).await;
-    station
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .agent(opts)
+        .station("control-test")
+        .start()
         .await;
     World {
-        _broker: broker,
-        agent,
-        station,
+        station: w.take_station(),
+        _broker: w.broker.expect("a broker"),
+        agent: w.agent,
     }
 }
 
@@ -375,8 +368,24 @@ async fn without_an_agent_status_says_it_is_not_running_and_exits_1() {
 
 // ------------------------------------------------------------------ SIGHUP
 
+/// Broker, simulator, and the agent as a process (logging at info) just started: not
+/// waited for, as some tests watch it come up.
+async fn process_world(opts: AgentOpts) -> (Mosquitto, TestAgent) {
+    let w = common::World::builder()
+        .agent(AgentOpts {
+            log_level: Some("info"),
+            ..opts
+        })
+        .setup_only()
+        .start()
+        .await;
+    let mut agent = w.agent;
+    agent.spawn(&[]);
+    (w.broker.expect("a broker"), agent)
+}
+
 /// A station watching `agent/status` and every station's events of a process agent.
-async fn watcher(broker: &Mosquitto, agent: &AgentProcess) -> MqttStation {
+async fn watcher(broker: &Mosquitto, agent: &TestAgent) -> MqttStation {
     let mut s = MqttStation::connect(broker.port(), "sighup-watcher", true).await;
     s.subscribe(&format!("{}/station/+/evt", agent.prefix()))
         .await;
@@ -413,8 +422,11 @@ async fn wait_status(socket: &Path, what: &str, cond: impl Fn(&Value) -> bool) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sighup_after_fixing_the_token_file_makes_a_401ing_agent_work_again() {
-    let broker = Mosquitto::start_default();
-    let mut agent = AgentProcess::start(&broker.url(), AgentOpts::default(), "WRONG-token").await;
+    let (broker, mut agent) = process_world(AgentOpts {
+        token_file: Some("WRONG-token"),
+        ..AgentOpts::default()
+    })
+    .await;
     let mut station = watcher(&broker, &agent).await;
     let status = agent.status_topic();
     station
@@ -456,18 +468,17 @@ async fn a_sighup_after_fixing_the_token_file_makes_a_401ing_agent_work_again() 
         agent.log()
     );
     assert!(!agent.log().contains(TOKEN), "the token is never logged");
-    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(agent.terminate().code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_station_added_by_sighup_can_charge() {
-    let broker = Mosquitto::start_default();
     let opts = AgentOpts {
-        stations: vec![("kiosk-1", vec!["PAX_A910__0001"])],
+        stations: stations(&[("kiosk-1", &["PAX_A910__0001"])]),
         devices: Some(vec!["PAX_A910__0001", "PAX_A910__0002"]),
         ..AgentOpts::default()
     };
-    let mut agent = AgentProcess::start(&broker.url(), opts, TOKEN).await;
+    let (broker, mut agent) = process_world(opts).await;
     let mut station = watcher(&broker, &agent).await;
     let status = agent.status_topic();
     station
@@ -496,10 +507,10 @@ async fn a_station_added_by_sighup_can_charge() {
     assert_eq!(before.code, 4, "{before:#?}");
     assert!(before.stdout.contains("unknown_station"), "{before:#?}");
 
-    agent.write_config(&[
-        ("kiosk-1", vec!["PAX_A910__0001"]),
-        ("kiosk-2", vec!["PAX_A910__0002"]),
-    ]);
+    agent.write_config(&stations(&[
+        ("kiosk-1", &["PAX_A910__0001"]),
+        ("kiosk-2", &["PAX_A910__0002"]),
+    ]));
     agent.sighup();
     let s = wait_status(&agent.control_socket(), "kiosk-2 configured", |s| {
         s["stations"]["kiosk-2"].is_array()
@@ -512,13 +523,12 @@ async fn a_station_added_by_sighup_can_charge() {
         .any(|t| t["terminal"] == "PAX_A910__0002"));
     let after = charge_as("kiosk-2").await;
     assert_eq!(after.code, 0, "{after:#?}");
-    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(agent.terminate().code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_config_on_sighup_keeps_the_stations_and_the_log_names_the_key() {
-    let broker = Mosquitto::start_default();
-    let mut agent = AgentProcess::start(&broker.url(), AgentOpts::default(), TOKEN).await;
+    let (broker, mut agent) = process_world(AgentOpts::default()).await;
     let mut station = watcher(&broker, &agent).await;
     let status = agent.status_topic();
     station
@@ -552,5 +562,5 @@ async fn an_invalid_config_on_sighup_keeps_the_stations_and_the_log_names_the_ke
     ])
     .await;
     assert_eq!(run.code, 0, "the old stations still charge: {run:#?}");
-    assert_eq!(agent.stop(), Some(0));
+    assert_eq!(agent.terminate().code(), Some(0));
 }

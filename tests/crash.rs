@@ -19,9 +19,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fleet::{Fleet, FleetOpts, SimCheck, StatusWatch, Summary};
-use common::process::{ms, percentile, unix_ms, ProcAgent, ProcOpts};
-use common::Mosquitto;
+use common::crowd::{Crowd, CrowdOpts, SimCheck, Summary};
+use common::util::{ms, percentile, unix_ms};
+use common::{AgentOpts, World};
 
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -39,18 +39,29 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
     println!("C1: {charges} charges, {kills} kills, seed {seed} (POINTGATE_CRASH_SEED={seed} replays it)");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let broker = Mosquitto::start(
-        common::MosquittoOpts::default()
-            // The agent's session holds every command sent while it is down.
-            .with_line("max_queued_messages 0")
-            .with_line("max_inflight_messages 0"),
-    );
-    let mut opts = ProcOpts::stations(4, 2);
+    let mut opts = AgentOpts::crowd(4, 2);
     // A charge stuck behind another on its terminal ends (`expired`) in 10 s, the least
     // the contract allows, so the run keeps moving whatever the engine holds.
-    opts.queue_extra.push("charge_ttl = \"10s\"".into());
-    let mut agent = ProcAgent::setup(&broker.url(), opts.clone()).await;
-    let watch = StatusWatch::start(broker.port(), agent.prefix()).await;
+    opts.queue_extra.push("charge_ttl = \"10s\"");
+    let world = World::builder()
+        .broker(
+            common::MosquittoOpts::default()
+                // The agent's session holds every command sent while it is down.
+                .with_line("max_queued_messages 0")
+                .with_line("max_inflight_messages 0"),
+        )
+        .agent(opts.clone())
+        .setup_only()
+        .status_watch()
+        .start()
+        .await;
+    let World {
+        broker,
+        mut agent,
+        watch,
+        ..
+    } = world;
+    let (broker, watch) = (broker.expect("a broker"), watch.expect("a status watch"));
     let started = Instant::now();
     let spawned_ms = unix_ms();
     agent.spawn(&[]);
@@ -59,9 +70,9 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
         .await
         .expect("the agent comes online");
 
-    let fleet = Fleet::start(FleetOpts::new(
+    let crowd = Crowd::start(CrowdOpts::new(
         broker.port(),
-        agent.prefix(),
+        &agent.prefix(),
         &opts.stations,
         charges,
     ))
@@ -73,15 +84,15 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
     let stall = Duration::from_secs(if long { 300 } else { 120 });
     for i in 1..=kills {
         let threshold = (i * charges).div_ceil(kills);
-        let fleet_ref = &fleet;
+        let crowd_ref = &crowd;
         let reached =
-            common::wait_until_async(stall, || fleet_ref.sent() >= threshold.min(charges)).await;
+            common::wait_until_async(stall, || crowd_ref.sent() >= threshold.min(charges)).await;
         assert!(
             reached,
             "no progress: {} of {charges} charges sent, {} done, before kill {i}; {}",
-            fleet.sent(),
-            fleet.done(),
-            Summary::of(&fleet.tracks())
+            crowd.sent(),
+            crowd.done(),
+            Summary::of(&crowd.tracks())
         );
         // A random instant: anywhere in the next 400 ms (the run's own pace decides what
         // the agent is doing then: starting, storing, sending, polling, publishing).
@@ -103,17 +114,17 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
             println!(
                 "  {:>5.1} s: kill {i}, {} sent, {} done",
                 started.elapsed().as_secs_f64(),
-                fleet.sent(),
-                fleet.done()
+                crowd.sent(),
+                crowd.done()
             );
         }
     }
 
     // The agent stays up now: every charge must end.
     let settle = Duration::from_secs(if long { 600 } else { 120 });
-    let settled = fleet.wait_settled(settle).await;
+    let settled = crowd.wait_settled(settle).await;
     let elapsed = started.elapsed();
-    let tracks = fleet.tracks();
+    let tracks = crowd.tracks();
     let summary = Summary::of(&tracks);
     // Clear any fault before asking the simulator (there is none in this test).
     let sim = SimCheck::of(&agent.sim, &tracks).await;
@@ -139,7 +150,7 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
     println!("{sim}");
     println!(
         "re-sent commands {}; time to recover (restart to online): p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms over {} restarts",
-        fleet.resends(),
+        crowd.resends(),
         percentile(&recover, 50).map_or(0.0, ms),
         percentile(&recover, 90).map_or(0.0, ms),
         percentile(&recover, 100).map_or(0.0, ms),
@@ -189,14 +200,14 @@ async fn kill_9_at_random_instants_loses_nothing_and_creates_nothing_twice() {
         sim.creates
     );
     agent.stop_term_async().await;
-    fleet.stop().await;
+    crowd.stop().await;
 }
 
 /// The checks above can fail: a reference committed twice, an accepted charge with no
 /// end, two final states, and an `approved` whose payment was rejected are all caught.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checks_catch_a_duplicate_a_lost_charge_and_a_false_approval() {
-    use common::fleet::{sim_client, Track};
+    use common::crowd::{sim_client, Track};
     use pointgate::sim::{self, SimConfig, TerminalMode};
     use serde_json::json;
 

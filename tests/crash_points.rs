@@ -17,12 +17,34 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use common::fleet::{Fleet, FleetOpts, SimCheck, StatusWatch, Summary};
-use common::process::{unix_ms, ProcAgent, ProcOpts};
-use common::Mosquitto;
+use common::crowd::{Crowd, CrowdOpts, SimCheck, StatusWatch, Summary};
+use common::util::unix_ms;
+use common::{AgentOpts, World};
 
 /// Charges per round: enough for the third hit of every point.
 const CHARGES: usize = 12;
+
+/// The world of a round: broker, simulator, the agent's config and a status watch; the
+/// round starts the agent itself (with its fail point).
+async fn setup(opts: AgentOpts) -> (common::Mosquitto, common::TestAgent, StatusWatch) {
+    let w = World::builder()
+        .agent(opts)
+        .setup_only()
+        .status_watch()
+        .start()
+        .await;
+    let World {
+        broker,
+        agent,
+        watch,
+        ..
+    } = w;
+    (
+        broker.expect("a broker"),
+        agent,
+        watch.expect("a status watch"),
+    )
+}
 
 struct Round {
     point: &'static str,
@@ -32,12 +54,10 @@ struct Round {
 }
 
 async fn crash_at(point: &'static str, hit: u32) -> Round {
-    let broker = Mosquitto::start_default();
-    let mut opts = ProcOpts::stations(2, 2);
+    let mut opts = AgentOpts::crowd(2, 2);
     // A charge stuck behind a `needs_attention` one on its terminal ends in 10 s.
-    opts.queue_extra.push("charge_ttl = \"10s\"".into());
-    let mut agent = ProcAgent::setup(&broker.url(), opts.clone()).await;
-    let watch = StatusWatch::start(broker.port(), agent.prefix()).await;
+    opts.queue_extra.push("charge_ttl = \"10s\"");
+    let (broker, mut agent, watch) = setup(opts.clone()).await;
     let spawned = unix_ms();
     let spec = format!("{point}:{hit}");
     agent.spawn(&[("POINTGATE_FAILPOINT", spec.as_str())]);
@@ -45,9 +65,9 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
         .wait_online_since(spawned, Duration::from_secs(30))
         .await
         .unwrap_or_else(|| panic!("{spec}: the agent comes online"));
-    let mut fleet_opts = FleetOpts::new(broker.port(), agent.prefix(), &opts.stations, CHARGES);
-    fleet_opts.window_per_terminal = 1;
-    let fleet = Fleet::start(fleet_opts).await;
+    let mut crowd_opts = CrowdOpts::new(broker.port(), &agent.prefix(), &opts.stations, CHARGES);
+    crowd_opts.window_per_terminal = 1;
+    let crowd = Crowd::start(crowd_opts).await;
 
     let status = agent
         .wait_exit_async(Duration::from_secs(60))
@@ -64,8 +84,8 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
             .contains(&format!("failpoint {point}: aborting")),
         "{spec}: the abort was at the fail point"
     );
-    let sent_at_crash = fleet.sent();
-    let done_at_crash = fleet.done();
+    let sent_at_crash = crowd.sent();
+    let done_at_crash = crowd.done();
 
     let restarted = unix_ms();
     agent.spawn(&[]);
@@ -73,8 +93,8 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
         .wait_online_since(restarted, Duration::from_secs(30))
         .await
         .unwrap_or_else(|| panic!("{spec}: the agent comes back online"));
-    let settled = fleet.wait_settled(Duration::from_secs(90)).await;
-    let tracks = fleet.tracks();
+    let settled = crowd.wait_settled(Duration::from_secs(90)).await;
+    let tracks = crowd.tracks();
     let summary = Summary::of(&tracks);
     let sim = SimCheck::of(&agent.sim, &tracks).await;
     println!("{spec}: crashed with {sent_at_crash} sent, {done_at_crash} done\n{summary}\n{sim}");
@@ -107,7 +127,7 @@ async fn crash_at(point: &'static str, hit: u32) -> Round {
         sim.false_approvals
     );
     agent.stop_term_async().await;
-    fleet.stop().await;
+    crowd.stop().await;
     Round {
         point,
         hit,
@@ -164,26 +184,24 @@ async fn a_crash_at_every_fail_point_loses_nothing_and_creates_nothing_twice() {
 /// and without one it does not (the control for the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unarmed_agent_does_not_abort() {
-    let broker = Mosquitto::start_default();
-    let opts = ProcOpts::stations(1, 1);
-    let mut agent = ProcAgent::setup(&broker.url(), opts.clone()).await;
-    let watch = StatusWatch::start(broker.port(), agent.prefix()).await;
+    let opts = AgentOpts::crowd(1, 1);
+    let (broker, mut agent, watch) = setup(opts.clone()).await;
     let spawned = unix_ms();
     agent.spawn(&[]);
     watch
         .wait_online_since(spawned, Duration::from_secs(30))
         .await
         .expect("the agent comes online");
-    let fleet = Fleet::start(FleetOpts::new(
+    let crowd = Crowd::start(CrowdOpts::new(
         broker.port(),
-        agent.prefix(),
+        &agent.prefix(),
         &opts.stations,
         3,
     ))
     .await;
-    assert!(fleet.wait_settled(Duration::from_secs(30)).await);
+    assert!(crowd.wait_settled(Duration::from_secs(30)).await);
     assert!(agent.is_running(), "no fail point armed: no abort");
     assert!(!agent.log().contains("failpoint"));
     agent.stop_term_async().await;
-    fleet.stop().await;
+    crowd.stop().await;
 }

@@ -19,9 +19,9 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::fleet::StatusWatch;
-use common::process::{unix_ms, ProcAgent, ProcOpts};
-use common::{Mosquitto, MqttStation};
+use common::util::unix_ms;
+use common::MqttStation;
+use common::{AgentOpts, World};
 
 /// strace `-xx` writes every byte of strings and paths as `\xNN`; decode those (and
 /// the few C escapes strace may still use), keep anything else as is.
@@ -363,10 +363,18 @@ fn check_order(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_fdatasynced_to_disk_before_its_puback_leaves() {
     let strace = common::mosquitto::find_program("strace", "STRACE");
-    let broker = Mosquitto::start_default();
-    let opts = ProcOpts::stations(1, 1);
-    let mut agent = ProcAgent::setup(&broker.url(), opts).await;
-    let watch = StatusWatch::start(broker.port(), agent.prefix()).await;
+    let World {
+        broker,
+        mut agent,
+        watch,
+        ..
+    } = World::builder()
+        .agent(AgentOpts::crowd(1, 1))
+        .setup_only()
+        .status_watch()
+        .start()
+        .await;
+    let (broker, watch) = (broker.expect("a broker"), watch.expect("a status watch"));
     let trace_path = agent.dir.join("strace.txt");
     let inner = agent.command();
     let mut cmd = Command::new(&strace);

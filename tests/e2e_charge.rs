@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{charge, AgentOpts, TestAgent};
+use common::agent::{charge, stations, AgentOpts, TestAgent};
 use common::{mosquitto_pub, Mosquitto, MosquittoSub, MqttStation};
 use pointgate::sim::TerminalMode;
 use serde_json::{json, Value};
@@ -25,21 +25,15 @@ struct World {
 /// Broker, simulator, agent, and station `kiosk-1` subscribed to its events, with the
 /// agent online (stations wait for it before their first command).
 async fn world(opts: AgentOpts) -> World {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(&broker.url(), opts).await;
-    let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
-    station
-        .subscribe(&format!("{}/station/+/evt", agent.prefix()))
-        .await;
-    station.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    station
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .agent(opts)
+        .station("kiosk-1-test")
+        .start()
         .await;
     World {
-        _broker: broker,
-        agent,
-        station,
+        station: w.take_station(),
+        _broker: w.broker.take().expect("a broker"),
+        agent: w.agent,
         log: Vec::new(),
     }
 }
@@ -269,11 +263,11 @@ async fn a_station_cancels_an_open_intent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_this_validation_produces_reaches_the_station_and_nothing_reaches_the_api() {
     let mut w = world(AgentOpts {
-        stations: vec![
-            ("kiosk-1", vec!["PAX_A910__0001"]),
-            ("kiosk-2", vec!["PAX_A910__0002"]),
-            ("kiosk-3", vec!["PAX_STANDALONE__0003"]),
-        ],
+        stations: stations(&[
+            ("kiosk-1", &["PAX_A910__0001"]),
+            ("kiosk-2", &["PAX_A910__0002"]),
+            ("kiosk-3", &["PAX_STANDALONE__0003"]),
+        ]),
         standalone: vec!["PAX_STANDALONE__0003"],
         terminal: TerminalMode::Manual,
         ..AgentOpts::default()
@@ -367,8 +361,10 @@ async fn the_queue_refuses_charges_beyond_max_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_clients_as_the_station_get_an_approved_charge_with_exactly_one_create() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
+    let (broker, mut agent) = common::World::builder()
+        .start()
+        .await
+        .into_broker_and_agent();
     let evt = agent.evt_topic("kiosk-1");
     let status = agent.status_topic();
     let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);

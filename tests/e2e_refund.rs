@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{charge, AgentOpts, TestAgent};
+use common::agent::{charge, stations, AgentOpts, TestAgent};
 use common::{Mosquitto, MqttStation};
 use pointgate::sim::{Fault, FaultScope, TerminalMode};
 use rustls_pki_types::pem::PemObject;
@@ -27,21 +27,16 @@ struct World {
 }
 
 async fn world(opts: AgentOpts) -> World {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(&broker.url(), opts).await;
-    let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
-    station
-        .subscribe(&format!("{}/station/+/evt", agent.prefix()))
-        .await;
-    station.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    station
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .agent(opts)
+        .station("kiosk-1-test")
+        .online_within(WAIT)
+        .start()
         .await;
     World {
-        _broker: broker,
-        agent,
-        station,
+        station: w.take_station(),
+        _broker: w.broker.take().expect("a broker"),
+        agent: w.agent,
         log: Vec::new(),
     }
 }
@@ -509,54 +504,22 @@ async fn refund_posts_answered_5xx_or_429_are_retried_with_the_same_key_and_made
 /// agent on the same store finishes both: each `refunded`, each made once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refunds_in_flight_or_unsent_resume_after_a_restart_and_are_made_once() {
-    use std::collections::HashMap;
     use tokio_util::sync::CancellationToken;
 
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let broker = Mosquitto::start_default();
-    let dir = common::Workdir::new();
-    let sim = pointgate::sim::start(pointgate::sim::SimConfig {
-        token: common::agent::TOKEN.into(),
-        devices: vec!["PAX_A910__0001".into()],
-        ca_out: Some(dir.join("sim-ca.pem")),
-        terminal: TerminalMode::Auto {
-            pickup: Duration::from_millis(50),
-            process: Duration::from_millis(50),
-        },
-        ..pointgate::sim::SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let token = dir.write("access_token", common::agent::TOKEN);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let toml = format!(
-        r#"[store]
-id = "store-restart"
-site = "MLA"
-[point]
-base_url = "{base}"
-access_token_file = "{token}"
-extra_ca_file = "{ca}"
-poll_interval = "100ms"
-max_requests_per_second = 50
-[mqtt]
-url = "{broker}"
-keep_alive = "5s"
-[queue]
-dir = "{state}"
-[stations.kiosk-1]
-terminals = ["PAX_A910__0001"]
-"#,
-        base = sim.base_url(),
-        token = token.display(),
-        ca = dir.join("sim-ca.pem").display(),
-        broker = broker.url(),
-        state = dir.join("state").display(),
-    );
-    let config = pointgate::config::Config::from_toml_str(&toml, &HashMap::new()).unwrap();
+    // The agent runs in-process, started and stopped by the test itself.
+    let (broker, agent) = common::World::builder()
+        .agent(AgentOpts {
+            store: "store-restart",
+            stations: stations(&[("kiosk-1", &["PAX_A910__0001"])]),
+            control: false,
+            ..AgentOpts::default()
+        })
+        .setup_only()
+        .start()
+        .await
+        .into_broker_and_agent();
+    let sim = &agent.sim;
+    let config = agent.config.clone();
     let prefix = config.topic_prefix();
     let (evt, cmd, status) = (
         format!("{prefix}/station/kiosk-1/evt"),
@@ -666,7 +629,7 @@ terminals = ["PAX_A910__0001"]
     stop.cancel();
     let _ = tokio::time::timeout(WAIT, task).await;
     // The payment shows exactly the two refunds.
-    let w_payment = sim_payment(&sim, &pid).await;
+    let w_payment = sim_payment(sim, &pid).await;
     assert_eq!(w_payment["transaction_amount_refunded"].as_f64(), Some(5.0));
     assert_eq!(
         w_payment["refunds"].as_array().map(Vec::len),

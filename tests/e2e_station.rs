@@ -7,18 +7,23 @@ mod common;
 use std::time::Duration;
 
 use common::agent::{charge, AgentOpts, TestAgent, TOKEN};
-use common::{Mosquitto, MqttStation, MqttStation311, PubOpts};
+use common::{Mosquitto, MqttStation, MqttStation311, PubOpts, World};
 use pointgate::sim::TerminalMode;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn online(agent: &TestAgent, station: &mut MqttStation) {
-    let status = agent.status_topic();
-    station.subscribe(&status).await;
-    station
-        .wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
+/// Broker, simulator, agent, and a station `client_id` that saw the agent online on
+/// `agent/status`.
+async fn world(opts: AgentOpts, client_id: &str) -> (Mosquitto, TestAgent, MqttStation) {
+    let mut w = World::builder()
+        .agent(opts)
+        .status_station(client_id)
+        .start()
         .await;
+    let st = w.take_station();
+    let (broker, agent) = w.into_broker_and_agent();
+    (broker, agent, st)
 }
 
 /// Every message until one satisfies `done`; all of them, in order.
@@ -44,10 +49,7 @@ async fn collect_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_events_go_to_the_response_topic_with_the_correlation_data() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
-    let mut st = MqttStation::connect(broker.port(), "kiosk-1-rr", true).await;
-    online(&agent, &mut st).await;
+    let (_broker, mut agent, mut st) = world(AgentOpts::default(), "kiosk-1-rr").await;
     let prefix = agent.prefix();
     let reply = format!("{prefix}/station/kiosk-1/reply/lane-3");
     let evt = agent.evt_topic("kiosk-1");
@@ -85,17 +87,14 @@ async fn mqtt5_events_go_to_the_response_topic_with_the_correlation_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_message_expiry_is_the_charge_deadline() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(
-        &broker.url(),
+    let (_broker, mut agent, mut st) = world(
         AgentOpts {
             terminal: TerminalMode::Manual,
             ..AgentOpts::default()
         },
+        "kiosk-1-exp",
     )
     .await;
-    let mut st = MqttStation::connect(broker.port(), "kiosk-1-exp", true).await;
-    online(&agent, &mut st).await;
     let evt = agent.evt_topic("kiosk-1");
     st.subscribe(&evt).await;
     // The first charge holds the terminal (manual: nobody pays), the second waits behind
@@ -134,8 +133,7 @@ async fn mqtt5_message_expiry_is_the_charge_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_3_1_1_station_charges_through_the_fixed_topics() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
+    let (broker, mut agent) = World::builder().start().await.into_broker_and_agent();
     let mut st = MqttStation311::connect(broker.port(), "kiosk-1-v4", true).await;
     let evt = agent.evt_topic("kiosk-1");
     let status = agent.status_topic();
@@ -157,10 +155,7 @@ async fn an_mqtt_3_1_1_station_charges_through_the_fixed_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canceling_a_final_charge_is_refused_not_cancelable() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
-    let mut st = MqttStation::connect(broker.port(), "kiosk-1-nc", true).await;
-    online(&agent, &mut st).await;
+    let (_broker, mut agent, mut st) = world(AgentOpts::default(), "kiosk-1-nc").await;
     let evt = agent.evt_topic("kiosk-1");
     st.subscribe(&evt).await;
     st.publish(&agent.cmd_topic("kiosk-1"), charge("nc-1", "15.00"))
@@ -194,10 +189,7 @@ async fn canceling_a_final_charge_is_refused_not_cancelable() {
 /// of the store. Positive control: the same scan finds the charge's request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_token_never_reaches_events_status_or_the_store() {
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
-    let mut st = MqttStation::connect(broker.port(), "kiosk-1-s2", true).await;
-    online(&agent, &mut st).await;
+    let (_broker, mut agent, mut st) = world(AgentOpts::default(), "kiosk-1-s2").await;
     st.subscribe(&format!("{}/#", agent.prefix())).await;
     st.publish(
         &agent.cmd_topic("kiosk-1"),

@@ -6,16 +6,23 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{AgentOpts, TOKEN};
-use common::agent_proc::AgentProcess;
-use common::{Mosquitto, MqttStation};
+use common::agent::AgentOpts;
+use common::{MqttStation, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reads_offline_after_a_kill_and_after_a_clean_stop() {
-    let broker = Mosquitto::start_default();
-    let mut agent = AgentProcess::start(&broker.url(), AgentOpts::default(), TOKEN).await;
+    let World { broker, agent, .. } = World::builder()
+        .agent(AgentOpts {
+            log_level: Some("info"),
+            ..AgentOpts::default()
+        })
+        .setup_only()
+        .start()
+        .await;
+    let (broker, mut agent) = (broker.expect("a broker"), agent);
+    agent.spawn(&[]);
     let status = agent.status_topic();
     let mut st = MqttStation::connect(broker.port(), "watcher", true).await;
     st.subscribe(&status).await;
@@ -37,10 +44,10 @@ async fn status_reads_offline_after_a_kill_and_after_a_clean_stop() {
     );
     assert_eq!(m.json()["v"], 1);
 
-    agent.restart();
+    agent.spawn(&[]);
     st.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
         .await;
-    assert_eq!(agent.stop(), Some(0), "a clean stop exits 0");
+    assert_eq!(agent.terminate().code(), Some(0), "a clean stop exits 0");
     let m = st.wait_for(|m| m.topic == status, WAIT).await;
     assert_eq!(
         state(&m),

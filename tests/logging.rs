@@ -10,15 +10,14 @@
 //!   (`unshare`) where that path is a bind mount of the test's own datagram socket.
 
 mod common;
-mod process;
 
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Mosquitto, MosquittoSub};
+use common::agent::{charge_text as charge, AgentOpts, TestAgent, STATION, TERMINAL};
+use common::{Mosquitto, MosquittoSub, World};
 use pointgate::sim::{Fault, FaultScope, TerminalMode};
-use process::{charge, ProcAgent, ProcSetup};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,7 +34,7 @@ fn terminal() -> TerminalMode {
 }
 
 /// The next intent polls answer 401 (the token refused), twice; then the API recovers.
-fn refuse_polls(setup: &ProcSetup) {
+fn refuse_polls(setup: &TestAgent) {
     setup.sim.set_fault_scoped(
         FaultScope::PathPrefix("/point/integration-api/payment-intents/".into()),
         Fault::Status5xx {
@@ -46,12 +45,16 @@ fn refuse_polls(setup: &ProcSetup) {
 }
 
 /// Sends a charge and waits for its final event; returns it.
-fn charge_to_the_end(broker: &Mosquitto, setup: &ProcSetup, request_id: &str) -> Value {
-    let evt = setup.evt_topic();
+fn charge_to_the_end(broker: &Mosquitto, setup: &TestAgent, request_id: &str) -> Value {
+    let evt = setup.evt_topic(STATION);
     let status = setup.status_topic();
     let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);
     sub.wait_for(|m| m.topic == status && m.payload.contains("online"), WAIT);
-    common::mosquitto_pub(broker.port(), &setup.cmd_topic(), charge(request_id, "15"));
+    common::mosquitto_pub(
+        broker.port(),
+        &setup.cmd_topic(STATION),
+        charge(request_id, "15"),
+    );
     let last = sub.wait_for(
         |m| m.topic == evt && m.payload.contains(r#""final":true"#),
         WAIT,
@@ -59,7 +62,18 @@ fn charge_to_the_end(broker: &Mosquitto, setup: &ProcSetup, request_id: &str) ->
     serde_json::from_str(&last.payload).expect("event json")
 }
 
-fn assert_a_401_was_answered(setup: &ProcSetup) {
+/// Broker, simulator (accepting the canary token, which the agent's token file holds) and
+/// the config of one station; the test starts the agent.
+async fn world() -> (Mosquitto, TestAgent) {
+    let w = World::builder()
+        .agent(AgentOpts::single(terminal(), CANARY))
+        .setup_only()
+        .start()
+        .await;
+    (w.broker.expect("a broker"), w.agent)
+}
+
+fn assert_a_401_was_answered(setup: &TestAgent) {
     let refused = setup
         .sim
         .requests()
@@ -71,16 +85,15 @@ fn assert_a_401_was_answered(setup: &ProcSetup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logs_on_stderr_through_a_charge_and_a_401_never_show_the_token() {
-    let broker = Mosquitto::start_default();
-    let setup = ProcSetup::new(&broker.url(), terminal(), CANARY).await;
-    refuse_polls(&setup);
-    let mut cmd = setup.run_command();
+    let (broker, mut agent) = world().await;
+    refuse_polls(&agent);
+    let mut cmd = agent.command();
     cmd.env("RUST_LOG", "trace");
-    let mut agent = ProcAgent::spawn(cmd, &setup.dir, "agent");
+    agent.spawn_command(cmd);
 
-    let last = charge_to_the_end(&broker, &setup, "canary-1");
+    let last = charge_to_the_end(&broker, &agent, "canary-1");
     assert_eq!(last["state"], "approved", "{last}");
-    assert_a_401_was_answered(&setup);
+    assert_a_401_was_answered(&agent);
     let exit = agent.terminate();
     assert!(exit.success(), "exit {exit:?}");
 
@@ -95,7 +108,7 @@ async fn trace_logs_on_stderr_through_a_charge_and_a_401_never_show_the_token() 
         "part of the access token is in the log"
     );
     // The grep itself can find the token where it is.
-    assert!(setup
+    assert!(agent
         .dir
         .read_to_string("access_token")
         .contains(CANARY_CORE));
@@ -178,10 +191,9 @@ fn is_root() -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_systemd_each_event_is_a_journal_entry_with_the_charge_fields_and_no_token() {
-    let broker = Mosquitto::start_default();
-    let setup = ProcSetup::new(&broker.url(), terminal(), CANARY).await;
-    refuse_polls(&setup);
-    let socket_path = setup.dir.join("journal.sock");
+    let (broker, mut agent) = world().await;
+    refuse_polls(&agent);
+    let socket_path = agent.dir.join("journal.sock");
     let journal = tokio::net::UnixDatagram::bind(&socket_path).expect("bind the journal socket");
     // Read all along, as journald does: a full socket queue would block the agent.
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -208,14 +220,14 @@ async fn under_systemd_each_event_is_a_journal_entry_with_the_charge_fields_and_
             }
         }
     });
-    let mut agent_cmd = setup.run_command();
+    let mut agent_cmd = agent.command();
     agent_cmd.env("RUST_LOG", "trace");
     let cmd = in_journal_namespace(agent_cmd, &socket_path);
-    let mut agent = ProcAgent::spawn_as_journal_stream(cmd, &setup.dir, "agent");
+    agent.spawn_command_as_journal_stream(cmd);
 
-    let last = charge_to_the_end(&broker, &setup, "journal-1");
+    let last = charge_to_the_end(&broker, &agent, "journal-1");
     assert_eq!(last["state"], "approved", "{last}");
-    assert_a_401_was_answered(&setup);
+    assert_a_401_was_answered(&agent);
     let exit = agent.terminate();
     assert!(exit.success(), "exit {exit:?}; stderr:\n{}", agent.log());
     let _ = stop_tx.send(());
@@ -238,8 +250,8 @@ async fn under_systemd_each_event_is_a_journal_entry_with_the_charge_fields_and_
                 && field(e, "REQUEST_ID") == Some("journal-1")
         })
         .unwrap_or_else(|| panic!("no `charge accepted` entry for journal-1: {entries:#?}"));
-    assert_eq!(field(accepted, "STATION"), Some(process::STATION));
-    assert_eq!(field(accepted, "TERMINAL"), Some(process::TERMINAL));
+    assert_eq!(field(accepted, "STATION"), Some(STATION));
+    assert_eq!(field(accepted, "TERMINAL"), Some(TERMINAL));
     assert_eq!(field(accepted, "PRIORITY"), Some("5"), "info is notice");
     assert_eq!(field(accepted, "SYSLOG_IDENTIFIER"), Some("pointgate"));
     assert!(field(accepted, "CODE_MODULE").is_some());

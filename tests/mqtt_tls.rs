@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::agent::{charge, AgentOpts, TestAgent};
 use common::logs;
-use common::{free_port, wait_until_async, Mosquitto, MosquittoOpts, MqttStation, TestPki};
+use common::{free_port, wait_until_async, Mosquitto, MosquittoOpts, MqttStation, TestPki, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -55,6 +55,16 @@ fn mqtt_lines(ca: &std::path::Path, client: Option<&common::CertPaths>) -> Vec<S
 }
 
 /// A station on the plain listener, subscribed to the agent's status and kiosk-1's events.
+/// Simulator and agent (in-process) on the TLS broker `b`.
+async fn agent(b: &TlsBroker, opts: AgentOpts) -> TestAgent {
+    World::builder()
+        .broker_url(&b.tls_url())
+        .agent(opts)
+        .start()
+        .await
+        .agent
+}
+
 async fn station(b: &TlsBroker, agent: &TestAgent) -> MqttStation {
     let mut s = MqttStation::connect(b.plain_port, "kiosk-1-tls-test", true).await;
     s.subscribe(&agent.status_topic()).await;
@@ -115,8 +125,8 @@ async fn the_agent_connects_over_mqtts_with_a_ca_file_and_a_charge_completes() {
     logs::capture();
     let pki = TestPki::new();
     let b = tls_broker(&pki, false);
-    let agent = TestAgent::start(
-        &b.tls_url(),
+    let agent = agent(
+        &b,
         AgentOpts {
             mqtt_extra: mqtt_lines(&pki.ca_path(), None),
             ..AgentOpts::default()
@@ -138,8 +148,8 @@ async fn with_mutual_tls_the_agent_s_client_certificate_is_accepted_and_a_charge
     let pki = TestPki::new();
     let b = tls_broker(&pki, true);
     let client = pki.client_cert("pointgate");
-    let mut agent = TestAgent::start(
-        &b.tls_url(),
+    let mut agent = agent(
+        &b,
         AgentOpts {
             mqtt_extra: mqtt_lines(&pki.ca_path(), Some(&client)),
             ..AgentOpts::default()
@@ -156,8 +166,8 @@ async fn with_mutual_tls_an_agent_without_a_client_certificate_cannot_connect() 
     let log = logs::capture();
     let pki = TestPki::new();
     let b = tls_broker(&pki, true);
-    let agent = TestAgent::start(
-        &b.tls_url(),
+    let agent = agent(
+        &b,
         AgentOpts {
             mqtt_extra: mqtt_lines(&pki.ca_path(), None),
             ..AgentOpts::default()
@@ -178,8 +188,8 @@ async fn a_broker_certificate_from_another_ca_is_refused() {
     let pki = TestPki::new();
     let other = TestPki::named("some other CA");
     let b = tls_broker(&pki, false);
-    let agent = TestAgent::start(
-        &b.tls_url(),
+    let agent = agent(
+        &b,
         AgentOpts {
             mqtt_extra: mqtt_lines(&other.ca_path(), None),
             ..AgentOpts::default()

@@ -14,10 +14,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::acl::{self, AclBroker};
-use common::agent::{charge, AgentOpts, TestAgent};
+use common::acl;
+use common::agent::{charge, AgentOpts};
 use common::proxy::{FaultProxy, ProxyMode};
-use common::{Mosquitto, MqttStation, Msg};
+use common::{Mosquitto, MqttStation, Msg, World};
 use pointgate::sim::{SimHandle, TerminalMode};
 use serde_json::Value;
 
@@ -116,16 +116,16 @@ fn complete_story(seen_msgs: &[Msg], topic: &str, request_id: &str) -> Vec<Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_persistence_loses_no_command_and_no_event() {
-    let mut b = AclBroker::start(&["kiosk-1", "kiosk-2"]);
-    let mut agent = TestAgent::start(
-        &b.url(),
-        AgentOpts {
+    let mut w = World::builder()
+        .acl(&["kiosk-1", "kiosk-2"])
+        .agent(AgentOpts {
             terminal: TerminalMode::Manual,
-            mqtt_extra: b.agent_mqtt_lines(),
             ..AgentOpts::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
+    let mut b = w.acl.take().expect("the ACL broker");
+    let mut agent = w.agent;
     let evt1 = agent.evt_topic("kiosk-1");
     let evt2 = agent.evt_topic("kiosk-2");
     let status = agent.status_topic();
@@ -208,18 +208,20 @@ async fn sigterm_with_persistence_loses_no_command_and_no_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_without_persistence_republishes_latest_events_and_resends_are_answered_not_doubled(
 ) {
-    let mut broker = Mosquitto::start_default();
+    let broker = Mosquitto::start_default();
     // The agent reaches the broker through a proxy, so the test decides when it may
     // reconnect: after the station has subscribed again.
     let proxy = FaultProxy::start(broker.port()).await;
-    let mut agent = TestAgent::start(
-        &proxy.url(),
-        AgentOpts {
+    let (mut broker, mut agent) = World::builder()
+        .with_broker(broker)
+        .agent_url(&proxy.url())
+        .agent(AgentOpts {
             terminal: TerminalMode::Manual,
             ..AgentOpts::default()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await
+        .into_broker_and_agent();
     let evt1 = agent.evt_topic("kiosk-1");
     let cmd1 = agent.cmd_topic("kiosk-1");
     let status = agent.status_topic();

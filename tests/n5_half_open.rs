@@ -10,13 +10,35 @@ use std::time::{Duration, Instant};
 use common::agent::{charge, AgentOpts, TestAgent};
 use common::logs;
 use common::proxy::{FaultProxy, ProxyMode};
-use common::{wait_until_async, Mosquitto, MqttStation};
+use common::{wait_until_async, Mosquitto, MqttStation, World};
 
 const WAIT: Duration = Duration::from_secs(30);
 /// The smallest keep-alive rumqttc (and so `mqtt.keep_alive`) allows.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Timer and scheduling slack on top of the 2 × keep-alive bound.
 const SLACK: Duration = Duration::from_millis(300);
+
+/// Broker, a fault proxy in front of it, simulator and agent (through the proxy,
+/// keep-alive [`KEEP_ALIVE`]), and a station `client_id` on the broker directly that saw
+/// the agent online.
+async fn world(client_id: &str) -> (Mosquitto, FaultProxy, TestAgent, MqttStation) {
+    let broker = Mosquitto::start_default();
+    let proxy = FaultProxy::start(broker.port()).await;
+    let mut w = World::builder()
+        .with_broker(broker)
+        .agent_url(&proxy.url())
+        .agent(AgentOpts {
+            mqtt_extra: vec![format!("keep_alive = \"{}s\"", KEEP_ALIVE.as_secs())],
+            ..AgentOpts::default()
+        })
+        .station(client_id)
+        .online_within(WAIT)
+        .start()
+        .await;
+    let s = w.take_station();
+    let (broker, agent) = w.into_broker_and_agent();
+    (broker, proxy, agent, s)
+}
 
 async fn approved(s: &mut MqttStation, agent: &TestAgent, request_id: &str) {
     s.publish(&agent.cmd_topic("kiosk-1"), charge(request_id, "15.00"))
@@ -34,23 +56,9 @@ async fn approved(s: &mut MqttStation, agent: &TestAgent, request_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_broker_connection_is_detected_within_two_keep_alives_and_recovered() {
     let log = logs::capture();
-    let broker = Mosquitto::start_default();
-    let proxy = FaultProxy::start(broker.port()).await;
-    let mut agent = TestAgent::start(
-        &proxy.url(),
-        AgentOpts {
-            mqtt_extra: vec![format!("keep_alive = \"{}s\"", KEEP_ALIVE.as_secs())],
-            ..AgentOpts::default()
-        },
-    )
-    .await;
     // The station talks to the broker directly.
-    let mut s = MqttStation::connect(broker.port(), "kiosk-1-n5", true).await;
+    let (_broker, proxy, mut agent, mut s) = world("kiosk-1-n5").await;
     let status = agent.status_topic();
-    s.subscribe(&status).await;
-    s.subscribe(&agent.evt_topic("kiosk-1")).await;
-    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
-        .await;
     approved(&mut s, &agent, "before").await;
 
     let lost = ["broker connection lost", &proxy.url()];
@@ -91,22 +99,8 @@ async fn a_half_open_broker_connection_is_detected_within_two_keep_alives_and_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_sent_while_the_agent_s_connection_is_half_open_completes_after_recovery() {
-    let broker = Mosquitto::start_default();
-    let proxy = FaultProxy::start(broker.port()).await;
-    let mut agent = TestAgent::start(
-        &proxy.url(),
-        AgentOpts {
-            mqtt_extra: vec![format!("keep_alive = \"{}s\"", KEEP_ALIVE.as_secs())],
-            ..AgentOpts::default()
-        },
-    )
-    .await;
-    let mut s = MqttStation::connect(broker.port(), "kiosk-1-n5b", true).await;
+    let (_broker, proxy, mut agent, mut s) = world("kiosk-1-n5b").await;
     let status = agent.status_topic();
-    s.subscribe(&status).await;
-    s.subscribe(&agent.evt_topic("kiosk-1")).await;
-    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
-        .await;
     proxy.set_mode(ProxyMode::Blackhole);
     // The command reaches the broker while the agent's connection is dead; the broker
     // keeps it in the agent's persistent session once it drops the connection.

@@ -16,40 +16,32 @@ mod common;
 
 use std::time::Duration;
 
-use common::fleet::{Fleet, FleetOpts, SimCheck, StatusWatch, Summary};
-use common::process::{unix_ms, ProcAgent, ProcOpts};
-use common::Mosquitto;
+use common::crowd::{Crowd, CrowdOpts, SimCheck, StatusWatch, Summary};
+use common::util::unix_ms;
+use common::{AgentOpts, Mosquitto, TestAgent};
 use pointgate::sim::{Fault, FaultScope, RequestLog};
 
 struct World {
     broker: Mosquitto,
-    agent: ProcAgent,
+    agent: TestAgent,
     _watch: StatusWatch,
 }
 
 /// Broker, simulator and the agent binary, online.
-async fn world(opts: ProcOpts) -> World {
-    let broker = Mosquitto::start_default();
-    let mut agent = ProcAgent::setup(&broker.url(), opts).await;
-    let watch = StatusWatch::start(broker.port(), agent.prefix()).await;
-    let spawned = unix_ms();
-    agent.spawn(&[]);
-    watch
-        .wait_online_since(spawned, Duration::from_secs(30))
-        .await
-        .expect("the agent comes online");
+async fn world(opts: AgentOpts) -> World {
+    let w = common::World::builder().agent(opts).process().start().await;
     World {
-        broker,
-        agent,
-        _watch: watch,
+        broker: w.broker.expect("a broker"),
+        agent: w.agent,
+        _watch: w.watch.expect("a status watch"),
     }
 }
 
 impl World {
-    fn fleet_opts(&self, total: usize, id_prefix: &str) -> FleetOpts {
-        let mut o = FleetOpts::new(
+    fn crowd_opts(&self, total: usize, id_prefix: &str) -> CrowdOpts {
+        let mut o = CrowdOpts::new(
             self.broker.port(),
-            self.agent.prefix(),
+            &self.agent.prefix(),
             &self.agent.opts.stations,
             total,
         );
@@ -59,8 +51,8 @@ impl World {
 }
 
 /// The promises every fault test checks, with what the run came to.
-async fn check_promises(tag: &str, fleet: &Fleet, agent: &ProcAgent) -> (Summary, SimCheck) {
-    let tracks = fleet.tracks();
+async fn check_promises(tag: &str, crowd: &Crowd, agent: &TestAgent) -> (Summary, SimCheck) {
+    let tracks = crowd.tracks();
     let summary = Summary::of(&tracks);
     agent.sim.set_fault(Fault::None);
     let sim = SimCheck::of(&agent.sim, &tracks).await;
@@ -191,7 +183,7 @@ async fn a_charge_is_not_expired_before_its_deadline() {
 
 async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
     const RATE: usize = 5;
-    let mut opts = ProcOpts::stations(2, 2);
+    let mut opts = AgentOpts::crowd(2, 2);
     opts.max_rps = RATE as u32;
     opts.poll_interval = "500ms";
     let w = world(opts).await;
@@ -201,11 +193,11 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
     // after it was sent (its deadline is the earliest of the two, so at most this).
     sim.set_fault(Fault::Down);
     let down_at = unix_ms();
-    let mut o = w.fleet_opts(8, "down-");
+    let mut o = w.crowd_opts(8, "down-");
     o.ttl_s = Some(10);
     o.expires_in = Some(Duration::from_secs(10));
     o.explicit_reference = true;
-    let during = Fleet::start(o).await;
+    let during = Crowd::start(o).await;
     assert!(
         during.wait_settled(Duration::from_secs(40)).await,
         "the charges sent during the outage end while it lasts: {}",
@@ -223,7 +215,7 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
     sim.set_fault(Fault::None);
     for t in &down_tracks {
         let at = t.final_event.as_ref().and_then(|e| e["at"].as_str());
-        let at = at.and_then(common::process::rfc3339_ms).unwrap_or(0);
+        let at = at.and_then(common::util::rfc3339_ms).unwrap_or(0);
         println!(
             "N1: {} sent at +{} ms, {:?} at +{} ms, deadline +{} ms",
             t.request_id,
@@ -261,9 +253,7 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
         assert_eq!(sim.creates_for(reference), 0, "{reference} was created");
         // "expired within a second" of the deadline (plus delivery to the station).
         let at = t.final_event.as_ref().and_then(|e| e["at"].as_str());
-        let at = at
-            .and_then(common::process::rfc3339_ms)
-            .expect("event time");
+        let at = at.and_then(common::util::rfc3339_ms).expect("event time");
         let deadline = t.expires_at_ms.expect("expires_at");
         assert!(
             at <= deadline + 1500,
@@ -285,11 +275,11 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
 
     // The API is back: more charges; none may be created after its deadline, and the
     // request rate stays within the limit.
-    let mut o = w.fleet_opts(24, "up-");
+    let mut o = w.crowd_opts(24, "up-");
     o.ttl_s = Some(10);
     o.expires_in = Some(Duration::from_secs(10));
     o.explicit_reference = true;
-    let after = Fleet::start(o).await;
+    let after = Crowd::start(o).await;
     let settled = after.wait_settled(Duration::from_secs(90)).await;
     // The agent's requests only: the checks below make requests of their own.
     let agent_requests = sim.requests();
@@ -303,7 +293,7 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
         .chain(after.tracks().iter())
         .cloned()
         .collect();
-    let by_ref: std::collections::HashMap<String, &common::fleet::Track> = tracks
+    let by_ref: std::collections::HashMap<String, &common::crowd::Track> = tracks
         .iter()
         .filter_map(|t| t.external_reference.clone().map(|r| (r, t)))
         .collect();
@@ -365,14 +355,14 @@ async fn outage_then_recovery(strict_rate: bool, strict_expiry: bool) {
 
 /// N2: one round per fault; each is its own world, run side by side.
 async fn ambiguous_round(tag: &'static str, fault: Option<(FaultScope, Fault)>, resets: bool) {
-    let mut opts = ProcOpts::stations(2, 2);
+    let mut opts = AgentOpts::crowd(2, 2);
     // A charge held behind a `needs_attention` one on its terminal ends in 10 s.
-    opts.queue_extra.push("charge_ttl = \"10s\"".into());
+    opts.queue_extra.push("charge_ttl = \"10s\"");
     let w = world(opts).await;
     if let Some((scope, f)) = fault {
         w.agent.sim.set_fault_scoped(scope, f);
     }
-    let fleet = Fleet::start(w.fleet_opts(16, "amb-")).await;
+    let crowd = Crowd::start(w.crowd_opts(16, "amb-")).await;
     if resets {
         // Cut every live connection to the API now and then while charges flow: 200 ms
         // outages every 700 ms, 6 times (a fault schedule, not a synchronisation).
@@ -383,9 +373,9 @@ async fn ambiguous_round(tag: &'static str, fault: Option<(FaultScope, Fault)>, 
             w.agent.sim.set_fault(Fault::None);
         }
     }
-    let settled = fleet.wait_settled(Duration::from_secs(90)).await;
+    let settled = crowd.wait_settled(Duration::from_secs(90)).await;
     let log = w.agent.sim.requests();
-    let (summary, sim) = check_promises(tag, &fleet, &w.agent).await;
+    let (summary, sim) = check_promises(tag, &crowd, &w.agent).await;
     assert!(settled, "{tag}: not every charge ended: {summary}");
     let cut = log
         .iter()
@@ -395,7 +385,7 @@ async fn ambiguous_round(tag: &'static str, fault: Option<(FaultScope, Fault)>, 
         "{tag}: creates committed {}, create answers lost or 5xx {cut}, needs_attention without a final {}, finals after needs_attention {}",
         sim.creates, summary.needs_attention_open, summary.resolved_after_attention
     );
-    fleet.stop().await;
+    crowd.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,19 +428,19 @@ async fn retry_after_is_honoured_and_5xx_bursts_still_end_every_charge() {
     const RETRY_AFTER_S: u32 = 2;
     // One station, one terminal, one charge at a time: the only requests are this
     // charge's, so the request after a 429 shows when the agent chose to come back.
-    let mut opts = ProcOpts::stations(1, 1);
+    let mut opts = AgentOpts::crowd(1, 1);
     opts.poll_interval = "200ms";
     let w = world(opts).await;
     let sim = &w.agent.sim;
-    let mut o = w.fleet_opts(6, "n3-");
+    let mut o = w.crowd_opts(6, "n3-");
     o.window_per_terminal = 1;
     o.ttl_s = Some(60);
-    let fleet = Fleet::start(o).await;
+    let crowd = Crowd::start(o).await;
     // A 429 for the next request, three times over the run, between charges.
     for k in 1..=3 {
-        let fleet_ref = &fleet;
+        let crowd_ref = &crowd;
         assert!(
-            common::wait_until_async(Duration::from_secs(60), || fleet_ref.done() >= k).await,
+            common::wait_until_async(Duration::from_secs(60), || crowd_ref.done() >= k).await,
             "charge {k} ends"
         );
         sim.set_fault(Fault::TooMany {
@@ -459,8 +449,8 @@ async fn retry_after_is_honoured_and_5xx_bursts_still_end_every_charge() {
         });
     }
     // Then bursts of 503 on everything but creates (an unanswered create is N2's case).
-    let fleet_ref = &fleet;
-    assert!(common::wait_until_async(Duration::from_secs(60), || fleet_ref.done() >= 4).await);
+    let crowd_ref = &crowd;
+    assert!(common::wait_until_async(Duration::from_secs(60), || crowd_ref.done() >= 4).await);
     for prefix in ["/point/integration-api/payment-intents", "/v1/payments"] {
         sim.set_fault_scoped(
             FaultScope::PathPrefix(prefix.into()),
@@ -470,10 +460,10 @@ async fn retry_after_is_honoured_and_5xx_bursts_still_end_every_charge() {
             },
         );
     }
-    let settled = fleet.wait_settled(Duration::from_secs(90)).await;
+    let settled = crowd.wait_settled(Duration::from_secs(90)).await;
     // The agent's requests only: the checks below make requests of their own.
     let log = sim.requests();
-    let (summary, _) = check_promises("N3", &fleet, &w.agent).await;
+    let (summary, _) = check_promises("N3", &crowd, &w.agent).await;
     assert!(settled, "N3: not every charge ended: {summary}");
     let finals: usize = summary.final_by_state.values().sum();
     assert_eq!(finals, 6, "N3: every charge final: {summary}");
@@ -504,5 +494,5 @@ async fn retry_after_is_honoured_and_5xx_bursts_still_end_every_charge() {
         too_soon.is_empty(),
         "Retry-After not honoured: {too_soon:?}"
     );
-    fleet.stop().await;
+    crowd.stop().await;
 }

@@ -3,16 +3,16 @@
 //! agent runs (also with no broker at all), repeated `WATCHDOG=1` while it serves a
 //! charge against Mosquitto, `STOPPING=1` and exit 0 on SIGTERM.
 //!
-//! `.ci/run arm` runs this file with the arm64 binary under qemu (see `process`).
+//! `.ci/run arm` runs this file with the arm64 binary under qemu (see `common::process`).
 
 mod common;
-mod process;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, Mosquitto, MosquittoSub};
+use common::agent::{charge_text as charge, AgentOpts, STATION};
+use common::process::AgentProc;
+use common::{free_port, MosquittoSub, World};
 use pointgate::sim::TerminalMode;
-use process::{charge, ProcAgent, ProcSetup};
 use serde_json::Value;
 use tokio::net::UnixDatagram;
 
@@ -35,7 +35,7 @@ impl Notifications {
     }
 
     /// Waits until `count` lines equal to `line` were seen in all; panics with what came.
-    async fn wait_for(&mut self, line: &str, count: usize, agent: &ProcAgent) {
+    async fn wait_for(&mut self, line: &str, count: usize, agent: &AgentProc) {
         let deadline = Instant::now() + WAIT;
         let mut buf = vec![0u8; 4096];
         while self.seen.iter().filter(|l| *l == line).count() < count {
@@ -62,28 +62,30 @@ impl Notifications {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reports_ready_feeds_the_watchdog_while_charging_and_says_stopping() {
-    let broker = Mosquitto::start_default();
-    let setup = ProcSetup::new(
-        &broker.url(),
-        TerminalMode::Auto {
-            pickup: Duration::from_millis(50),
-            process: Duration::from_millis(50),
-        },
-        TOKEN,
-    )
-    .await;
-    let socket_path = setup.dir.join("notify.sock");
+    let World { broker, agent, .. } = World::builder()
+        .agent(AgentOpts::single(
+            TerminalMode::Auto {
+                pickup: Duration::from_millis(50),
+                process: Duration::from_millis(50),
+            },
+            TOKEN,
+        ))
+        .setup_only()
+        .start()
+        .await;
+    let (broker, mut agent) = (broker.expect("a broker"), agent);
+    let socket_path = agent.dir.join("notify.sock");
     let mut notes = Notifications::bind(&socket_path);
-    let mut cmd = setup.run_command();
+    let mut cmd = agent.command();
     // A 2 s watchdog: the agent pings every second.
     cmd.env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "2000000");
-    let evt = setup.evt_topic();
-    let status = setup.status_topic();
+    let evt = agent.evt_topic(STATION);
+    let status = agent.status_topic();
     let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);
-    let mut agent = ProcAgent::spawn(cmd, &setup.dir, "agent");
+    agent.spawn_command(cmd);
 
-    notes.wait_for("READY=1", 1, &agent).await;
+    notes.wait_for("READY=1", 1, &agent.proc).await;
     assert!(
         notes.seen.iter().any(|l| l.starts_with("STATUS=running")),
         "{:?}",
@@ -93,19 +95,23 @@ async fn the_agent_reports_ready_feeds_the_watchdog_while_charging_and_says_stop
 
     // A charge end to end while the watchdog is fed.
     sub.wait_for(|m| m.topic == status && m.payload.contains("online"), WAIT);
-    common::mosquitto_pub(broker.port(), &setup.cmd_topic(), charge("n-1", "15"));
+    common::mosquitto_pub(
+        broker.port(),
+        &agent.cmd_topic(STATION),
+        charge("n-1", "15"),
+    );
     let last = sub.wait_for(
         |m| m.topic == evt && m.payload.contains(r#""final":true"#),
         WAIT,
     );
     let v: Value = serde_json::from_str(&last.payload).expect("event json");
     assert_eq!(v["state"], "approved", "{}", last.payload);
-    notes.wait_for("WATCHDOG=1", 3, &agent).await;
+    notes.wait_for("WATCHDOG=1", 3, &agent.proc).await;
 
     assert_eq!(notes.count("STOPPING=1"), 0);
     let exit = agent.terminate();
     assert!(exit.success(), "exit {exit:?}; log:\n{}", agent.log());
-    notes.wait_for("STOPPING=1", 1, &agent).await;
+    notes.wait_for("STOPPING=1", 1, &agent.proc).await;
     assert_eq!(notes.count("READY=1"), 1, "{:?}", notes.seen);
 }
 
@@ -113,16 +119,22 @@ async fn the_agent_reports_ready_feeds_the_watchdog_while_charging_and_says_stop
 async fn readiness_does_not_wait_for_the_broker() {
     // Nothing listens on this port: the link keeps retrying, the agent is ready anyway.
     let url = format!("mqtt://127.0.0.1:{}", free_port());
-    let setup = ProcSetup::new(&url, TerminalMode::Manual, TOKEN).await;
-    let socket_path = setup.dir.join("notify.sock");
+    let mut agent = World::builder()
+        .broker_url(&url)
+        .agent(AgentOpts::single(TerminalMode::Manual, TOKEN))
+        .setup_only()
+        .start()
+        .await
+        .agent;
+    let socket_path = agent.dir.join("notify.sock");
     let mut notes = Notifications::bind(&socket_path);
-    let mut cmd = setup.run_command();
+    let mut cmd = agent.command();
     cmd.env("NOTIFY_SOCKET", &socket_path);
-    let mut agent = ProcAgent::spawn(cmd, &setup.dir, "agent");
-    notes.wait_for("READY=1", 1, &agent).await;
+    agent.spawn_command(cmd);
+    notes.wait_for("READY=1", 1, &agent.proc).await;
     // No WATCHDOG_USEC given: no pings. STOPPING=1 still comes.
     let exit = agent.terminate();
     assert!(exit.success(), "exit {exit:?}; log:\n{}", agent.log());
-    notes.wait_for("STOPPING=1", 1, &agent).await;
+    notes.wait_for("STOPPING=1", 1, &agent.proc).await;
     assert_eq!(notes.count("WATCHDOG=1"), 0, "{:?}", notes.seen);
 }

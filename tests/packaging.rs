@@ -14,16 +14,16 @@
 //!   stopped with SIGTERM, as `systemctl restart` would.
 
 mod common;
-mod process;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{Mosquitto, MosquittoSub};
+use common::agent::{charge_text as charge, AgentOpts, STATION};
+use common::process::AgentProc;
+use common::{MosquittoSub, World};
 use pointgate::sim::TerminalMode;
-use process::{charge, render_config, ProcAgent, ProcSetup};
 use serde_json::Value;
 
 const UNIT: &str = include_str!("../systemd/pointgate.service");
@@ -346,7 +346,7 @@ fn the_amd64_package_installs_checks_its_config_removes_and_purges_clean() {
 }
 
 /// The installed agent as the unit runs it: user pointgate, the shipped config path.
-fn start_installed_agent(dir: &common::Workdir, name: &str) -> ProcAgent {
+fn start_installed_agent(dir: &common::Workdir, name: &str) -> AgentProc {
     // setpriv execs the agent (no parent in between): SIGTERM reaches it directly.
     let mut cmd = Command::new("setpriv");
     cmd.args([
@@ -365,7 +365,12 @@ fn start_installed_agent(dir: &common::Workdir, name: &str) -> ProcAgent {
         cmd.env_remove(var);
     }
     cmd.env("RUST_LOG", "info");
-    ProcAgent::spawn(cmd, dir, name)
+    let mut agent = AgentProc::new(
+        "/etc/pointgate/pointgate.toml",
+        dir.join(format!("{name}.log")),
+    );
+    agent.spawn_command(cmd);
+    agent
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,17 +382,16 @@ async fn charges_queued_before_an_upgrade_finish_after_it() {
     ok("dpkg", &["-i", deb_str(&deb)]);
 
     // Terminals that wait: the charges stay open until the test moves them.
-    let broker = Mosquitto::start_default();
     let token = "APP_USR-upgrade-test-token";
-    let dir = common::Workdir::new();
-    let setup = ProcSetup::with_state(
-        &broker.url(),
-        TerminalMode::Manual,
-        token,
-        dir,
-        Path::new("/var/lib/pointgate"),
-    )
-    .await;
+    let World { broker, agent, .. } = World::builder()
+        .agent(AgentOpts {
+            state_dir: Some(PathBuf::from("/var/lib/pointgate")),
+            ..AgentOpts::single(TerminalMode::Manual, token)
+        })
+        .setup_only()
+        .start()
+        .await;
+    let (broker, setup) = (broker.expect("a broker"), agent);
     // The shipped paths: config, token and CA under /etc/pointgate, state in /var/lib.
     let ca = Path::new("/etc/pointgate/sim-ca.pem");
     std::fs::copy(setup.dir.join("sim-ca.pem"), ca).expect("copy the CA");
@@ -395,24 +399,26 @@ async fn charges_queued_before_an_upgrade_finish_after_it() {
     put_token(Path::new("/etc/pointgate/access_token"), token);
     std::fs::write(
         "/etc/pointgate/pointgate.toml",
-        render_config(
-            &setup.sim.base_url(),
-            &broker.url(),
-            Path::new("/etc/pointgate/access_token"),
-            ca,
-            Path::new("/var/lib/pointgate"),
-        ),
+        setup.render_config_with_files(Path::new("/etc/pointgate/access_token"), ca),
     )
     .expect("edit the conffile");
     ok("/usr/bin/pointgate", &["check-config"]);
 
-    let evt = setup.evt_topic();
+    let evt = setup.evt_topic(STATION);
     let status = setup.status_topic();
     let mut sub = MosquittoSub::start(broker.port(), &[evt.as_str(), status.as_str()]);
     let mut agent = start_installed_agent(&setup.dir, "before");
     sub.wait_for(|m| m.topic == status && m.payload.contains("online"), WAIT);
-    common::mosquitto_pub(broker.port(), &setup.cmd_topic(), charge("up-1", "15"));
-    common::mosquitto_pub(broker.port(), &setup.cmd_topic(), charge("up-2", "16"));
+    common::mosquitto_pub(
+        broker.port(),
+        &setup.cmd_topic(STATION),
+        charge("up-1", "15"),
+    );
+    common::mosquitto_pub(
+        broker.port(),
+        &setup.cmd_topic(STATION),
+        charge("up-2", "16"),
+    );
     // up-1 is on the terminal (its intent created), up-2 waits behind it.
     sub.wait_for(
         |m| m.topic == evt && m.payload.contains("up-1") && m.payload.contains(r#""state":"sent""#),

@@ -7,7 +7,7 @@
 mod common;
 
 use common::acl::{AclBroker, WAIT};
-use common::agent::{charge, AgentOpts, TestAgent};
+use common::agent::{charge, TestAgent};
 use common::{MqttStation, Msg, PubOpts};
 use serde_json::{json, Value};
 
@@ -21,22 +21,16 @@ struct World {
 async fn world(extra_users: &[&str]) -> World {
     let mut users = vec!["kiosk-1", "kiosk-2"];
     users.extend_from_slice(extra_users);
-    let acl = AclBroker::start(&users);
-    let agent = TestAgent::start(
-        &acl.url(),
-        AgentOpts {
-            mqtt_extra: acl.agent_mqtt_lines(),
-            ..AgentOpts::default()
-        },
-    )
-    .await;
-    let mut k1 = acl.station("kiosk-1", "kiosk-1", true).await;
-    k1.subscribe(&agent.evt_topic("kiosk-1")).await;
-    k1.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    k1.wait_for(|m| m.topic == status && json(m)["state"] == "online", WAIT)
+    let mut w = common::World::builder()
+        .acl(&users)
+        .acl_station("kiosk-1")
+        .start()
         .await;
-    World { acl, agent, k1 }
+    World {
+        k1: w.take_station(),
+        acl: w.acl.take().expect("the ACL broker"),
+        agent: w.agent,
+    }
 }
 
 fn json(m: &Msg) -> Value {

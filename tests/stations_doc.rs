@@ -8,8 +8,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::agent::{AgentOpts, TestAgent};
-use common::{Mosquitto, MosquittoSub, MqttStation};
+use common::agent::{stations, AgentOpts, TestAgent};
+use common::{Mosquitto, MosquittoSub};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -46,21 +46,15 @@ fn sh_block(needle: &str) -> String {
 
 /// Broker, simulator (auto-paying terminal) and agent with the page's station `kiosk-01`.
 async fn world() -> (Mosquitto, TestAgent) {
-    let broker = Mosquitto::start_default();
-    let agent = TestAgent::start(
-        &broker.url(),
-        AgentOpts {
-            stations: vec![("kiosk-01", vec!["PAX_A910__0001"])],
+    common::World::builder()
+        .agent(AgentOpts {
+            stations: stations(&[("kiosk-01", &["PAX_A910__0001"])]),
             ..AgentOpts::default()
-        },
-    )
-    .await;
-    let mut s = MqttStation::connect(broker.port(), "doc-observer", true).await;
-    let status = agent.status_topic();
-    s.subscribe(&status).await;
-    s.wait_for(|m| m.topic == status && m.json()["state"] == "online", WAIT)
-        .await;
-    (broker, agent)
+        })
+        .status_station("doc-observer")
+        .start()
+        .await
+        .into_broker_and_agent()
 }
 
 /// Runs a shell block of the page with `P` and `S` set and the port added.

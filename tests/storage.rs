@@ -7,26 +7,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::agent::{charge, AgentOpts, TestAgent};
-use common::{Mosquitto, MqttStation};
+use common::agent::charge;
+use common::World;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_write_refuses_commands_storage_unavailable() {
     // This binary holds this one test, so no other thread
     // reads the environment concurrently.
     std::env::set_var("POINTGATE_FAILPOINT", "store_write_error");
-    let broker = Mosquitto::start_default();
-    let mut agent = TestAgent::start(&broker.url(), AgentOpts::default()).await;
-    let mut station = MqttStation::connect(broker.port(), "kiosk-1-test", true).await;
-    station.subscribe(&agent.evt_topic("kiosk-1")).await;
-    station.subscribe(&agent.status_topic()).await;
-    let status = agent.status_topic();
-    station
-        .wait_for(
-            |m| m.topic == status && m.json()["state"] == "online",
-            Duration::from_secs(30),
-        )
-        .await;
+    let mut w = World::builder().station("kiosk-1-test").start().await;
+    let mut station = w.take_station();
+    let (_broker, mut agent) = w.into_broker_and_agent();
     station
         .publish(&agent.cmd_topic("kiosk-1"), charge("disk-1", "15.00"))
         .await;

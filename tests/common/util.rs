@@ -117,3 +117,33 @@ impl Drop for Workdir {
         }
     }
 }
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Parses an RFC 3339 time into Unix milliseconds.
+pub fn rfc3339_ms(s: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+/// Percentile (0..=100) of a sample, by nearest rank; None when empty.
+pub fn percentile(sample: &[Duration], p: u32) -> Option<Duration> {
+    if sample.is_empty() {
+        return None;
+    }
+    let mut v = sample.to_vec();
+    v.sort();
+    let rank = ((p as usize * v.len()).div_ceil(100)).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+/// `Instant` helper for the reports: milliseconds as a float.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

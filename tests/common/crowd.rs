@@ -1,4 +1,4 @@
-//! A fleet of test stations that keep charges flowing, as real checkout stations would:
+//! A crowd of test stations that keep charges flowing, as real checkout stations would:
 //! each station (an MQTT 5 client with a persistent session) keeps a few charges open per
 //! terminal, re-sends a command with the same `request_id` when no `accepted` came within
 //! `resend_after`, and records every event it gets. The crash and network tests drive the
@@ -20,12 +20,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::mqtt::MqttStation;
-use super::process::unix_ms;
+use super::util::unix_ms;
 use super::util::wait_until_async;
 
-/// How the fleet behaves.
+/// How the crowd behaves.
 #[derive(Clone)]
-pub struct FleetOpts {
+pub struct CrowdOpts {
     pub port: u16,
     /// The agent's topic prefix.
     pub prefix: String,
@@ -50,9 +50,9 @@ pub struct FleetOpts {
     pub id_prefix: String,
 }
 
-impl FleetOpts {
+impl CrowdOpts {
     pub fn new(port: u16, prefix: &str, stations: &[(String, Vec<String>)], total: usize) -> Self {
-        FleetOpts {
+        CrowdOpts {
             port,
             prefix: prefix.to_string(),
             stations: stations.to_vec(),
@@ -173,8 +173,8 @@ struct State {
     resends: u64,
 }
 
-/// The running fleet.
-pub struct Fleet {
+/// The running crowd.
+pub struct Crowd {
     state: Arc<Mutex<State>>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -185,10 +185,10 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Fleet {
+impl Crowd {
     /// Connects every station (persistent session, subscribed to its events) and starts
     /// sending at once.
-    pub async fn start(opts: FleetOpts) -> Fleet {
+    pub async fn start(opts: CrowdOpts) -> Crowd {
         let state = Arc::new(Mutex::new(State::default()));
         let stop = CancellationToken::new();
         let opts = Arc::new(opts);
@@ -196,14 +196,14 @@ impl Fleet {
         for i in 0..opts.stations.len() {
             let name = &opts.stations[i].0;
             let mut station =
-                MqttStation::connect(opts.port, &format!("fleet-{name}"), false).await;
+                MqttStation::connect(opts.port, &format!("crowd-{name}"), false).await;
             station
                 .subscribe(&format!("{}/station/{name}/evt", opts.prefix))
                 .await;
             let (o, s, st) = (opts.clone(), state.clone(), stop.clone());
             tasks.push(tokio::spawn(station_task(o, i, station, s, st)));
         }
-        Fleet {
+        Crowd {
             state,
             stop,
             tasks,
@@ -256,7 +256,7 @@ impl Fleet {
     }
 }
 
-impl Drop for Fleet {
+impl Drop for Crowd {
     fn drop(&mut self) {
         self.stop.cancel();
         for t in &self.tasks {
@@ -265,7 +265,7 @@ impl Drop for Fleet {
     }
 }
 
-fn charge_payload(opts: &FleetOpts, track: &Track, multi_terminal: bool) -> Vec<u8> {
+fn charge_payload(opts: &CrowdOpts, track: &Track, multi_terminal: bool) -> Vec<u8> {
     let mut cmd = json!({
         "v": 1,
         "type": "charge",
@@ -292,7 +292,7 @@ fn charge_payload(opts: &FleetOpts, track: &Track, multi_terminal: bool) -> Vec<
 }
 
 async fn station_task(
-    opts: Arc<FleetOpts>,
+    opts: Arc<CrowdOpts>,
     index: usize,
     mut station: MqttStation,
     state: Arc<Mutex<State>>,
@@ -424,7 +424,7 @@ fn record(s: &mut State, station: &str, v: Value) {
     }
 }
 
-/// What a fleet's charges came to.
+/// What a crowd's charges came to.
 #[derive(Debug, Default)]
 pub struct Summary {
     pub sent: usize,
@@ -536,7 +536,7 @@ impl StatusWatch {
                 let s = StatusSeen {
                     at: Instant::now(),
                     state: v["state"].as_str().unwrap_or_default().to_string(),
-                    since_ms: v["since"].as_str().and_then(super::process::rfc3339_ms),
+                    since_ms: v["since"].as_str().and_then(super::util::rfc3339_ms),
                 };
                 out.lock().unwrap_or_else(|p| p.into_inner()).push(s);
             }
@@ -577,7 +577,7 @@ impl Drop for StatusWatch {
     }
 }
 
-/// What the simulator says about a fleet's charges.
+/// What the simulator says about a crowd's charges.
 #[derive(Debug, Default)]
 pub struct SimCheck {
     /// `external_reference`s the simulator committed more than once.
