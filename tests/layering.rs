@@ -139,12 +139,10 @@ fn graph() -> Graph {
             statement.push_str(&code);
             statement.push(' ');
             let open = statement.matches('{').count() > statement.matches('}').count();
-            if statement.trim_start().starts_with("use ")
-                || statement.trim_start().starts_with("pub use ")
-            {
-                if open || !statement.contains(';') {
-                    continue;
-                }
+            let is_use = statement.trim_start().starts_with("use ")
+                || statement.trim_start().starts_with("pub use ");
+            if is_use && (open || !statement.contains(';')) {
+                continue;
             }
             let at = format!(
                 "{}:{start_line}",
