@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use libfuzzer_sys::fuzz_target;
 use pointgate::config::StationSection;
-use pointgate::money::Site;
 use pointgate::domain::command::{validate, Context, MAX_COMMAND_BYTES};
 use pointgate::domain::outcome::ErrorCode;
+use pointgate::money::Site;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, payload)) = data.split_first() else {
