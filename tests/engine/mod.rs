@@ -717,7 +717,7 @@ impl Harness {
     /// requests it resumed. The link is not connected yet.
     fn launch(&mut self) -> usize {
         assert!(self.running.is_none(), "the engine is already running");
-        let store = Store::open(self.dir.path()).expect("the store opens");
+        let store = open_store(self.dir.path());
         let (handle, rx) = channel();
         let (link_tx, link) = mpsc::unbounded_channel();
         let clock: Arc<dyn Clock> = self.clock.clone();
@@ -985,5 +985,24 @@ impl Harness {
             .into_iter()
             .find(|e| e["state"] == state)
             .expect("reached")
+    }
+}
+
+/// Open the store in `dir`. After a stop, sled's own threads may still hold the previous
+/// handle's file lock for a moment (the stopped engine dropped its handle, sled releases
+/// the lock when its last internal reference goes): wait for the lock, bounded.
+fn open_store(dir: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("the store opens: {e}"),
+        }
     }
 }
