@@ -1741,7 +1741,7 @@ fn the_fixtures_decode_to_the_expected_values() {
         db.flush().expect("flush");
     }
 
-    let store = Store::open(dir.path()).expect("Store::open on the fixtures");
+    let store = open_after_sled(dir.path());
     let mut failures = Vec::new();
 
     // Every request decodes to exactly its case, and its dedup entry to its hash and time.
@@ -1880,11 +1880,29 @@ fn format_2_outbox_entries_decode_to_their_addresses() {
         }
         db.flush().expect("flush");
     }
-    let store = Store::open(dir.path()).expect("Store::open on the fixtures");
+    let store = open_after_sled(dir.path());
     let mut expected: Vec<(u64, Outgoing)> = outbox_cases_v2()
         .into_iter()
         .map(|(_, _, id, o)| (id, o))
         .collect();
     expected.sort_by_key(|(id, _)| *id);
     assert_eq!(store.outbox().expect("outbox"), expected);
+}
+
+/// `Store::open` on a directory that sled alone just wrote: sled's own threads may hold
+/// the dropped handle's file lock for a moment, so wait for it, bounded.
+fn open_after_sled(dir: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("Store::open on the fixtures: {e}"),
+        }
+    }
 }
